@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._validation import _is_int, check_backend, check_tensor
+from ._validation import _is_int, check_backend, check_dense, check_tensor, check_varlen
 
 
 class Compressed(NamedTuple):
@@ -79,7 +79,9 @@ def compress(
         >>> out.tokens.shape, out.kept.shape, out.assign.shape
         (torch.Size([1, 96, 1024]), torch.Size([1, 96]), torch.Size([1, 576]))
     """
-    check_tensor(x, 3, "(S, N, D)")
+    # Validate here too: the dispatcher's schema check would reject a float keep with a less
+    # helpful message before the op's own validation runs.
+    check_dense(x, keep, num_basis, ridge)
     check_backend(backend)
     x = _prepare(x, check_finite)
     return Compressed(*torch.ops.apet.compress(x, keep, num_basis, ridge, merge, backend))
@@ -119,6 +121,7 @@ def compress_varlen(
             keep = [min(keep, n) for n in seqlens]
     elif isinstance(keep, Sequence):
         keep = list(keep)
+    check_varlen(x, seqlens, keep, num_basis, ridge)
     x = _prepare(x, check_finite)
     return Compressed(
         *torch.ops.apet.compress_varlen(x, seqlens, keep, num_basis, ridge, merge, backend)
