@@ -1,0 +1,30 @@
+# Set-up and entry points. `make run` (main job) and `make test` (tests) each do whatever set-up
+# a fresh machine still needs: a venv in .venv (seeing system packages, so a GPU image's own
+# torch/triton/transformers are used as they are), torch==2.13.0 (CPU wheel) when no torch is
+# installed, the other dependencies when missing, and the package itself in editable mode.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.apet-installed
+
+.PHONY: setup run test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py tools/ensure_deps.py
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) tools/ensure_deps.py
+	$(PY) -m pip install -q -e . --no-deps --no-build-isolation
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m bench.run
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check apet_kernels bench tests tools setup.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
