@@ -34,6 +34,14 @@ def _nan_as(t: torch.Tensor, value: float) -> torch.Tensor:
     return torch.where(torch.isnan(t), torch.full_like(t, value), t)
 
 
+def _sq_dist(v: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+    """``(S, N)`` squared L2 distances of ``v (S, N, D)`` to ``point (S, D)``, as a direct
+    difference (not ||v||^2 + ||p||^2 - 2 v·p): exact zeros for duplicates, no cancellation.
+    In place on the temporary: ``** 2`` measured ~9x slower than ``mul_`` on CPU (1024x3584)."""
+    diff = v - point[:, None, :]
+    return diff.mul_(diff).sum(-1)
+
+
 def fps(
     v: torch.Tensor, valid: torch.Tensor, num_steps: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,18 +61,18 @@ def fps(
     S, N, _ = v.shape
     validf = valid.to(v.dtype)
     count = validf.sum(1).clamp_min(1.0)
-    mean = (v * validf[..., None]).sum(1) / count[:, None]
+    mean = torch.bmm(validf[:, None, :], v)[:, 0] / count[:, None]
     neg_inf = torch.tensor(float("-inf"), dtype=v.dtype, device=v.device)
 
     def next_pick(score: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         score = torch.where(valid & ~chosen, _nan_as(score, float("inf")), neg_inf)
         return score.argmax(1)  # first maximal index: the lowest-index tie-break
 
-    sqnorm = (v * v).sum(-1)
+    sqnorm = _sq_dist(v, torch.zeros_like(v[:, 0]))
     dots = v.new_zeros(S, N, num_steps)
     basis = torch.zeros(S, num_steps, dtype=torch.long, device=v.device)
     chosen = torch.zeros(S, N, dtype=torch.bool, device=v.device)
-    dist = ((v - mean[:, None, :]) ** 2).sum(-1)  # step 1 scores: distance to the mean
+    dist = _sq_dist(v, mean)  # step 1 scores: distance to the mean
     rows = torch.arange(S, device=v.device)
     for t in range(num_steps):
         pick = next_pick(dist, chosen)
@@ -72,8 +80,7 @@ def fps(
         chosen[rows, pick] = True
         b = v[rows, pick]  # (S, D)
         dots[:, :, t] = torch.bmm(v, b[:, :, None])[..., 0]
-        # Squared L2 on raw features (not ||v||^2 + ||b||^2 - 2 v·b): exact zeros for duplicates.
-        d_new = ((v - b[:, None, :]) ** 2).sum(-1)
+        d_new = _sq_dist(v, b)
         dist = d_new if t == 0 else torch.minimum(dist, d_new)
     return basis, sqnorm, dots
 
