@@ -76,3 +76,16 @@ def test_import_touches_no_cuda_triton_or_transformers():
     )
     env_free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert env_free.returncode == 0, env_free.stderr
+
+
+def test_torch_compile_inductor_around_the_op():
+    # Inductor compiles the arithmetic around the opaque op (about 20 s on a 2-core CPU).
+    x = sample(4)
+
+    def around(t: torch.Tensor):
+        dense = apet_kernels.compress(t * 2.0, 11)
+        return dense.tokens + 1.0, dense.kept, dense.assign
+
+    compiled = torch.compile(around, fullgraph=True)
+    for a, b in zip(compiled(x), around(x), strict=True):
+        assert torch.equal(a, b)
