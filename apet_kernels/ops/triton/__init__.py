@@ -1,0 +1,72 @@
+"""The Triton backend: fused kernels for CUDA tensors (and CPU tensors under the interpreter).
+
+Stages, named as in the reference backend, one module each: ``fps`` (basis + norms + dot
+products), ``residual`` (Gram solve, approximation errors as selection keys), ``select``
+(threshold select + ascending compaction), ``merge`` (GEMM-argmax assignment + deterministic
+mean); ``launcher`` chains them. Importing this module imports triton; ``import apet_kernels``
+does not (dispatch imports backends on first use).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as exc:  # the backend then reports itself unavailable instead of failing
+    _IMPORT_ERROR = f"triton is not importable ({exc})"
+
+Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def unavailable_reason(x: torch.Tensor) -> str | None:
+    """Why the Triton backend cannot run on ``x`` (None when it can).
+
+    It runs on CUDA tensors, and on CPU tensors only under the Triton interpreter
+    (``TRITON_INTERPRET=1`` set before triton is first imported). float64 is not supported.
+    """
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if x.dtype == torch.float64:
+        return "float64 is not supported by the triton backend (use backend='torch')"
+    if x.device.type == "cuda":
+        return None
+    if x.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return (
+            "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton is "
+            "imported (or use backend='torch')"
+        )
+    return f"device type {x.device.type!r} is not supported (CUDA, or CPU under TRITON_INTERPRET=1)"
+
+
+def compress_dense(
+    x: torch.Tensor, keep: int, num_basis: int, ridge: float, merge: bool
+) -> Outputs:
+    """Dense op: ``x (S, N, D)`` -> ``out (S, K, D)`` x.dtype, ``kept (S, K)`` int64 ascending,
+    ``assign (S, N)`` int64 (SPEC.md). Arguments are validated by the caller."""
+    from .launcher import run
+
+    S, N, D = x.shape
+    out, kept, assign = run(x, [N] * S, [keep] * S, num_basis, ridge, merge, dense=True)
+    return out.view(S, keep, D), kept.view(S, keep), assign.view(S, N)
+
+
+def compress_varlen(
+    x: torch.Tensor,
+    seqlens: list[int],
+    keeps: list[int],
+    num_basis: int,
+    ridge: float,
+    merge: bool,
+) -> Outputs:
+    """Varlen op on packed ``x (T, D)``: ``out (ΣK, D)``, ``kept (ΣK,)`` global rows of x,
+    ``assign (T,)`` global output rows (-1 for dropped tokens when not merging)."""
+    from .launcher import run
+
+    return run(x, list(seqlens), list(keeps), num_basis, ridge, merge, dense=False)

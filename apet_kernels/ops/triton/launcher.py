@@ -1,0 +1,222 @@
+"""Chains the four fused stages for dense and varlen input; the only place that allocates.
+
+Dense ``(S, N, D)`` and packed ``(T, D)`` input run the same kernels: tokens live in one packed
+index space (dense token ``(s, i)`` is ``s * N + i``) and every kernel reads x through
+``row_offset`` with the caller's strides, so non-contiguous input is never copied. Per-segment
+tables (token start, N_s, output start, K_s, m_s) and the (segment, token block) tables of the
+1-D grids are built on the host from host ints, copied once and cached: nothing here reads
+device data on the host, so the op never syncs.
+
+Block sizes are fixed per call by a small heuristic instead of autotuning (multi-config autotune
+needs a driver, and the interpreter's cost grows with programs x block ops, so it gets large
+blocks). GPU choices are the usual Triton starting points for streaming kernels (4 warps, 16 KB
+tiles) and a 64x64x64 fp16 GEMM tile; they are not yet tuned on hardware.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .fps import SEG_COLS, SEG_OUT, fps_mean_kernel, fps_step_kernel
+from .merge import merge_assign_kernel, merge_mean_kernel
+from .residual import residual_kernel
+from .select import select_kernel
+
+Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+@dataclass(frozen=True)
+class _Config:
+    fps_n: int
+    fps_d: int
+    fps_warps: int
+    residual_n: int
+    select_block: int
+    select_warps: int
+    merge_n: int
+    merge_k: int
+    merge_d: int
+    merge_warps: int
+    merge_stages: int
+    mean_m: int
+    mean_d: int
+    mean_chunks: int
+
+
+def _config(x: torch.Tensor, n_max: int, k_max: int, num_segments: int, total: int) -> _Config:
+    D = x.shape[-1]
+    if x.device.type != "cuda":  # interpreter: few programs, big numpy tiles
+        fps_n = _pow2(n_max, 16, 1024)
+        return _Config(
+            fps_n=fps_n, fps_d=_pow2(D, 16, max(16, 2**18 // fps_n)), fps_warps=4,
+            residual_n=_pow2(n_max, 16, 1024), select_block=_pow2(n_max, 16, 8192),
+            select_warps=4, merge_n=_pow2(n_max, 16, 256), merge_k=_pow2(k_max, 16, 256),
+            merge_d=_pow2(D, 16, 256), merge_warps=4, merge_stages=1,
+            mean_m=32, mean_d=_pow2(D, 16, 1024), mean_chunks=1,
+        )  # fmt: skip
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    # Smaller token blocks when the whole problem is small, so one image still spreads over SMs.
+    fps_n = 32 if total >= 2 * sms * 32 else 16
+    select_block = _pow2(n_max, 256, 4096)
+    mean_d = _pow2(D, 32, 256)
+    d_blocks = triton.cdiv(D, mean_d)
+    # Split the mean's token loop when segments x D-blocks cannot fill the GPU (one image).
+    chunks = max(1, min(16, (2 * sms) // max(1, num_segments * d_blocks), triton.cdiv(n_max, 64)))
+    return _Config(
+        fps_n=fps_n, fps_d=128, fps_warps=4, residual_n=128,
+        select_block=select_block, select_warps=8 if select_block > 1024 else 4,
+        merge_n=64, merge_k=_pow2(k_max, 16, 64), merge_d=32 if x.dtype == torch.float32 else 64,
+        merge_warps=4, merge_stages=3, mean_m=8, mean_d=mean_d, mean_chunks=chunks,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_table(
+    seqlens: tuple[int, ...], keeps: tuple[int, ...], num_basis: int, device: torch.device
+) -> torch.Tensor:
+    """``(S, SEG_COLS)`` int64: token start, N_s, output start, K_s, m_s (see fps.SEG_*)."""
+    lengths = torch.tensor(seqlens, dtype=torch.int64)
+    k = torch.tensor(keeps, dtype=torch.int64)
+    table = torch.stack(
+        [torch.cumsum(lengths, 0) - lengths, lengths, torch.cumsum(k, 0) - k, k,
+         k.clamp(max=num_basis)], dim=1,
+    )  # fmt: skip
+    assert table.shape[1] == SEG_COLS.value
+    return table.to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_tables(
+    seqlens: tuple[int, ...], block: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token blocks of ``block`` tokens for a 1-D grid, segments in order, blocks ascending.
+
+    Returns ``blk (NBT, 2)`` int64 (segment, local start) and ``seg_blk (S, 2)`` int64 (first
+    block, block count). Empty segments own no block.
+    """
+    lengths = torch.tensor(seqlens, dtype=torch.int64)
+    counts = (lengths + block - 1) // block
+    first = torch.cumsum(counts, 0) - counts
+    total = int(counts.sum())
+    seg = torch.repeat_interleave(torch.arange(len(seqlens)), counts, output_size=total)
+    local = (torch.arange(total) - first[seg]) * block
+    blk = torch.stack([seg, local], dim=1)
+    return blk.to(device), torch.stack([first, counts], dim=1).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_ids(rows: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(rows + 1, device=device)
+
+
+def run(
+    x: torch.Tensor,
+    seqlens: list[int],
+    keeps: list[int],
+    num_basis: int,
+    ridge: float,
+    merge: bool,
+    dense: bool,
+) -> Outputs:
+    """ApET on the Triton kernels (SPEC.md), flat outputs.
+
+    Args:
+        x: dense ``(S, N, D)`` (``dense=True``, all seqlens N) or packed ``(T, D)``;
+            float16/bfloat16/float32, any strides.
+        seqlens: host ints N_s; keeps: host ints K_s (validated by the caller).
+        num_basis: M; ridge: relative ridge; merge: SPEC.md step 4.
+
+    Returns:
+        out ``(ΣK, D)`` x.dtype; kept ``(ΣK,)`` int64 (dense: local token indices, varlen:
+        global rows); assign ``(T,)`` int64 (dense: local slots, varlen: global rows; -1 for
+        dropped tokens when not merging).
+    """
+    D = x.shape[-1]
+    dev = x.device
+    S, T, R = len(seqlens), sum(seqlens), sum(keeps)
+    if dense:
+        stride_s, stride_n, stride_d = x.stride()
+        n_div = x.shape[1]
+    else:
+        stride_s, (stride_n, stride_d), n_div = 0, x.stride(), max(T, 1)
+    out = torch.empty(R, D, dtype=x.dtype, device=dev)
+    kept = torch.empty(R, dtype=torch.int64, device=dev)
+    assign = torch.empty(T, dtype=torch.int64, device=dev)
+    if T == 0:
+        return out, kept, assign
+    n_max, k_max = max(seqlens), max(keeps)
+    m_host = [min(num_basis, k) for k in keeps]
+    m_max = max(m_host)
+    cfg = _config(x, n_max, k_max, S, T)
+    seg = _segment_table(tuple(seqlens), tuple(keeps), num_basis, dev)
+    strides = (n_div, stride_s, stride_n, stride_d)
+
+    # fps: means, then m_max + 1 step launches (the last one only finishes dot products).
+    blk, seg_blk = _block_tables(tuple(seqlens), cfg.fps_n, dev)
+    nbt = blk.shape[0]
+    nc = cfg.mean_chunks
+    f32 = dict(dtype=torch.float32, device=dev)
+    means = torch.empty(S, nc, D, **f32)
+    dist, sqnorm = torch.empty(T, **f32), torch.empty(T, **f32)
+    dots = torch.empty(m_max, T, **f32)
+    basis = torch.empty(S, m_max, dtype=torch.int64, device=dev)
+    pval = torch.empty(2, nbt, **f32)
+    pidx = torch.empty(2, nbt, dtype=torch.int64, device=dev)
+    fps_mean_kernel[(S, triton.cdiv(D, cfg.mean_d), nc)](
+        x, seg, means, *strides, D, nc, BLOCK_N=32, BLOCK_D=cfg.mean_d, num_warps=4
+    )
+    ncp = triton.next_power_of_2(nc)
+    block_p = _pow2(int(triton.cdiv(n_max, cfg.fps_n)), 16, 1024)
+    for step in range(m_max + 1):
+        fps_step_kernel[(nbt,)](
+            x, seg, blk, seg_blk, means, dist, sqnorm, dots, basis, pval, pidx,
+            step, T, nbt, m_max, *strides, D, nc,
+            FIRST=step == 0, NCP=ncp, BLOCK_N=cfg.fps_n, BLOCK_D=cfg.fps_d, BLOCK_P=block_p,
+            num_warps=cfg.fps_warps,
+        )  # fmt: skip
+
+    # residual: only segments that keep more than their basis need errors.
+    mp = _pow2(m_max, 2, 1 << 30)
+    key = torch.empty(T, dtype=torch.int32, device=dev)
+    if any(k > m for k, m in zip(keeps, m_host, strict=True)):
+        rblk, _ = _block_tables(tuple(seqlens), cfg.residual_n, dev)
+        residual_kernel[(rblk.shape[0],)](
+            seg, rblk, sqnorm, dots, basis, key, float(ridge), T, m_max,
+            MP=mp, BLOCK_N=cfg.residual_n, num_warps=4,
+        )  # fmt: skip
+
+    # select: kept (ascending) and each kept token's own slot; dropped tokens get -1.
+    select_kernel[(S,)](
+        seg, key, basis, kept, assign, m_max,
+        LOCAL=dense, MP=mp, BLOCK=cfg.select_block, num_warps=cfg.select_warps,
+    )  # fmt: skip
+
+    # merge: assignment GEMM + argmax, then the CSR mean (or a gather without merging).
+    upcast = x.device.type != "cuda" or x.dtype == torch.float32
+    perm = row_start = kept  # unused placeholders when not merging
+    if merge:
+        mblk, _ = _block_tables(tuple(seqlens), cfg.merge_n, dev)
+        merge_assign_kernel[(mblk.shape[0],)](
+            x, seg, mblk, sqnorm, kept, assign, *strides, D,
+            LOCAL=dense, UPCAST=upcast, BLOCK_N=cfg.merge_n, BLOCK_K=cfg.merge_k,
+            BLOCK_D=cfg.merge_d, num_warps=cfg.merge_warps, num_stages=cfg.merge_stages,
+        )  # fmt: skip
+        slots = assign
+        if dense:  # local slots -> global output rows, to sort all segments at once
+            slots = (assign.view(S, -1) + seg[:, SEG_OUT.value, None]).view(-1)
+        # Stable: members of a row stay in token order, so the fp32 sum order is fixed.
+        sorted_slots, perm = torch.sort(slots, stable=True)
+        row_start = torch.searchsorted(sorted_slots, _row_ids(R, dev))
+    merge_mean_kernel[(R, triton.cdiv(D, cfg.mean_d))](
+        x, out, perm, row_start, kept, *strides, D, k_max,
+        MERGE=merge, LOCAL=dense, BLOCK_M=cfg.mean_m, BLOCK_D=cfg.mean_d, num_warps=4,
+    )  # fmt: skip
+    return out, kept, assign

@@ -1,0 +1,117 @@
+"""Stage ``residual``: ridge-regularized Gram solve and the per-token approximation error.
+
+Reads only what FPS left behind (``sqnorm``, ``dots``, ``basis``), never x. Each token-block
+program gathers its segment's ``G = dots[:, basis]`` (m x m), factors ``G + λI`` by Cholesky in
+registers (m <= 16 in practice: redundant per block, and far cheaper than a launch that would
+share it), then solves for its tokens with one forward and one backward substitution:
+
+    y = L^-1 c_i,  α_i = L^-T y,  e_i^2 = ||v_i||^2 - ||y||^2 - λ ||α_i||^2   (c_iᵀα_i = ||y||^2)
+
+clamped at 0 and stored as a *selection key*: the fp32 bit pattern of the error viewed as int32,
+which orders like the float for values >= 0 (NaN maps to +inf, the reference's ranking; basis
+tokens get -1 so they never rank). The select stage thresholds these keys directly.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .fps import SEG_COLS, SEG_KEEP, SEG_LEN, SEG_M, SEG_TOK
+
+FLT_MIN = tl.constexpr(1.17549435e-38)
+
+
+@triton.jit
+def _pick(mat, r, j, axis: tl.constexpr):
+    """Column ``j`` (axis=1: one value per row) or row ``j`` (axis=0) of a register tile, where
+    ``r`` indexes the dimension being selected. Register tiles cannot be indexed directly."""
+    if axis == 1:
+        return tl.sum(tl.where(r[None, :] == j, mat, 0.0), axis=1)
+    else:
+        return tl.sum(tl.where(r[:, None] == j, mat, 0.0), axis=0)
+
+
+@triton.jit
+def _cholesky(a, floor, MP: tl.constexpr):
+    """Lower Cholesky factor of the SPD ``a (MP, MP)`` (right-looking, in registers).
+
+    A pivot of ``G + λI`` with G PSD is mathematically ``>= λ``; fp32 rounding on rank-deficient
+    bases (duplicate tokens) can push it below, so it is clamped at ``floor`` (λ on real slots,
+    1 on the identity padding), which keeps L finite and well scaled.
+    """
+    r = tl.arange(0, MP)
+    lower = tl.zeros([MP, MP], dtype=tl.float32)
+    for j in tl.static_range(MP):
+        col = _pick(a, r, j, 1)
+        piv = tl.sum(tl.where(r == j, col, 0.0), axis=0)
+        low = tl.sum(tl.where(r == j, floor, 0.0), axis=0)
+        piv = tl.where(piv < low, low, piv)
+        d = tl.sqrt_rn(piv)
+        lcol = tl.where(r > j, col / d, 0.0)
+        lcol = tl.where(r == j, d, lcol)
+        lower = tl.where(r[None, :] == j, lcol[:, None], lower)
+        a = a - lcol[:, None] * lcol[None, :]  # Schur complement: only entries > j are used later
+    return lower
+
+
+@triton.jit
+def residual_kernel(
+    seg_ptr, blk_ptr, sqnorm_ptr, dots_ptr, basis_ptr, key_ptr,
+    ridge, T, M_MAX,
+    MP: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Selection keys ``key (T,)`` int32 over a 1-D grid of token blocks.
+
+    Segments with ``K_s <= m_s`` keep only their basis: they skip the solve and their keys are
+    never read. Slots ``t >= m_s`` (segments with fewer basis tokens than MP) are an identity
+    block with zero right-hand side, so they solve to 0 and change nothing.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    s = tl.load(blk_ptr + pid * 2)
+    local0 = tl.load(blk_ptr + pid * 2 + 1)
+    tok0 = tl.load(seg_ptr + s * SEG_COLS + SEG_TOK)
+    n_s = tl.load(seg_ptr + s * SEG_COLS + SEG_LEN)
+    k_s = tl.load(seg_ptr + s * SEG_COLS + SEG_KEEP)
+    m_s = tl.load(seg_ptr + s * SEG_COLS + SEG_M)
+    if k_s <= m_s:
+        return
+    r = tl.arange(0, MP)
+    r_valid = r < m_s
+    basis = tl.load(basis_ptr + s * M_MAX + r, mask=r_valid, other=0)
+    pair = r_valid[:, None] & r_valid[None, :]
+    # G[t, u] = v_{b_t} · v_{b_u} = dots[u, b_t]; symmetrized because the two halves come from
+    # different FPS steps (as in the reference).
+    gram = tl.load(dots_ptr + r[None, :] * T + (tok0 + basis)[:, None], mask=pair, other=0.0)
+    gram = 0.5 * (gram + tl.trans(gram))
+    trace = tl.sum(tl.sum(tl.where(r[:, None] == r[None, :], gram, 0.0), axis=1), axis=0)
+    lam = ridge * trace / m_s.to(tl.float32) + FLT_MIN
+    diag = tl.where(r_valid, lam, 1.0)
+    system = gram + tl.where(r[:, None] == r[None, :], diag[:, None], 0.0)
+    lower = _cholesky(system, diag, MP)
+
+    i = local0 + tl.arange(0, BLOCK_N)
+    i_mask = i < n_s
+    c = tl.load(dots_ptr + r[None, :] * T + (tok0 + i)[:, None],
+                mask=i_mask[:, None] & r_valid[None, :], other=0.0)  # fmt: skip
+    y = tl.zeros([BLOCK_N, MP], dtype=tl.float32)
+    for j in tl.static_range(MP):  # forward: L y = c
+        lrow = _pick(lower, r, j, 0)
+        ljj = tl.sum(tl.where(r == j, lrow, 0.0), axis=0)
+        yj = (_pick(c, r, j, 1) - tl.sum(y * lrow[None, :], axis=1)) / ljj
+        y = tl.where(r[None, :] == j, yj[:, None], y)
+    z = tl.zeros([BLOCK_N, MP], dtype=tl.float32)
+    for jj in tl.static_range(MP):  # backward: Lᵀ α = y
+        j = MP - 1 - jj
+        lcol = _pick(lower, r, j, 1)
+        ljj = tl.sum(tl.where(r == j, lcol, 0.0), axis=0)
+        zj = (_pick(y, r, j, 1) - tl.sum(z * lcol[None, :], axis=1)) / ljj
+        z = tl.where(r[None, :] == j, zj[:, None], z)
+    sqnorm = tl.load(sqnorm_ptr + tok0 + i, mask=i_mask, other=0.0)
+    err2 = sqnorm - tl.sum(y * y, axis=1) - lam * tl.sum(z * z, axis=1)
+    err2 = tl.where(err2 != err2, float("inf"), err2)  # NaN ranks as +inf
+    err2 = tl.where(err2 > 0.0, err2, 0.0)  # clamp at 0; also maps -0.0 to +0.0 for the key
+    key = err2.to(tl.int32, bitcast=True)
+    is_basis = tl.max(((i[:, None] == basis[None, :]) & r_valid[None, :]).to(tl.int32), axis=1)
+    key = tl.where(is_basis > 0, -1, key)
+    tl.store(key_ptr + tok0 + i, key, mask=i_mask)
