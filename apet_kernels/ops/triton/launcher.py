@@ -35,9 +35,12 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 @dataclass(frozen=True)
 class _Config:
+    """Block sizes and warps per kernel (``fps_*``: centroid and step kernels; ``row_*``: the
+    output-row mean/gather)."""
+
     fps_n: int
     fps_d: int
-    fps_warps: int
+    fps_chunks: int  # token chunks of the centroid sum, to fill the GPU for one image
     residual_n: int
     select_block: int
     select_warps: int
@@ -46,9 +49,8 @@ class _Config:
     merge_d: int
     merge_warps: int
     merge_stages: int
-    mean_m: int
-    mean_d: int
-    mean_chunks: int
+    row_m: int
+    row_d: int
 
 
 def _config(x: torch.Tensor, n_max: int, k_max: int, num_segments: int, total: int) -> _Config:
@@ -56,25 +58,27 @@ def _config(x: torch.Tensor, n_max: int, k_max: int, num_segments: int, total: i
     if x.device.type != "cuda":  # interpreter: few programs, big numpy tiles
         fps_n = _pow2(n_max, 16, 1024)
         return _Config(
-            fps_n=fps_n, fps_d=_pow2(D, 16, max(16, 2**18 // fps_n)), fps_warps=4,
+            fps_n=fps_n, fps_d=_pow2(D, 16, max(16, 2**18 // fps_n)), fps_chunks=1,
             residual_n=_pow2(n_max, 16, 1024), select_block=_pow2(n_max, 16, 8192),
             select_warps=4, merge_n=_pow2(n_max, 16, 256), merge_k=_pow2(k_max, 16, 256),
             merge_d=_pow2(D, 16, 256), merge_warps=4, merge_stages=1,
-            mean_m=32, mean_d=_pow2(D, 16, 1024), mean_chunks=1,
+            row_m=32, row_d=_pow2(D, 16, 1024),
         )  # fmt: skip
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    # 32x64 streaming tiles: 128 registers at 4 warps (ptxas, sm_90); 32x128 needs ~250.
     # Smaller token blocks when the whole problem is small, so one image still spreads over SMs.
-    fps_n = 32 if total >= 2 * sms * 32 else 16
-    select_block = _pow2(n_max, 256, 4096)
-    mean_d = _pow2(D, 32, 256)
-    d_blocks = triton.cdiv(D, mean_d)
-    # Split the mean's token loop when segments x D-blocks cannot fill the GPU (one image).
+    fps_n, fps_d = (32 if total >= 2 * sms * 32 else 16), 64
+    d_blocks = triton.cdiv(D, fps_d)
     chunks = max(1, min(16, (2 * sms) // max(1, num_segments * d_blocks), triton.cdiv(n_max, 64)))
+    select_block = _pow2(n_max, 256, 4096)
+    # 64x64x32 GEMM tiles without spills (ptxas, sm_90): fp16/bf16 4 warps 3 stages (176 regs),
+    # fp32 (IEEE dot) 8 warps 2 stages (189 regs); the gathered kept rows rule out TMA.
+    fp32 = x.dtype == torch.float32
     return _Config(
-        fps_n=fps_n, fps_d=128, fps_warps=4, residual_n=128,
-        select_block=select_block, select_warps=8 if select_block > 1024 else 4,
-        merge_n=64, merge_k=_pow2(k_max, 16, 64), merge_d=32 if x.dtype == torch.float32 else 64,
-        merge_warps=4, merge_stages=3, mean_m=8, mean_d=mean_d, mean_chunks=chunks,
+        fps_n=fps_n, fps_d=fps_d, fps_chunks=chunks, residual_n=128,
+        select_block=select_block, select_warps=max(4, select_block // 256),
+        merge_n=64, merge_k=_pow2(k_max, 16, 64), merge_d=32, merge_warps=8 if fp32 else 4,
+        merge_stages=2 if fp32 else 3, row_m=8, row_d=_pow2(D, 32, 256),
     )  # fmt: skip
 
 
@@ -158,29 +162,32 @@ def run(
     cfg = _config(x, n_max, k_max, S, T)
     seg = _segment_table(tuple(seqlens), tuple(keeps), num_basis, dev)
     strides = (n_div, stride_s, stride_n, stride_d)
+    # In-segment offsets fit int32 when the farthest element of the longest segment does.
+    off32 = (n_max * abs(stride_n) + D * abs(stride_d)) < 2**31
 
     # fps: means, then m_max + 1 step launches (the last one only finishes dot products).
     blk, seg_blk = _block_tables(tuple(seqlens), cfg.fps_n, dev)
     nbt = blk.shape[0]
-    nc = cfg.mean_chunks
+    nc = cfg.fps_chunks
     f32 = dict(dtype=torch.float32, device=dev)
     means = torch.empty(S, nc, D, **f32)
     dist, sqnorm = torch.empty(T, **f32), torch.empty(T, **f32)
     dots = torch.empty(m_max, T, **f32)
     basis = torch.empty(S, m_max, dtype=torch.int64, device=dev)
     pval = torch.empty(2, nbt, **f32)
-    pidx = torch.empty(2, nbt, dtype=torch.int64, device=dev)
-    fps_mean_kernel[(S, triton.cdiv(D, cfg.mean_d), nc)](
-        x, seg, means, *strides, D, nc, BLOCK_N=32, BLOCK_D=cfg.mean_d, num_warps=4
-    )
+    pidx = torch.empty(2, nbt, dtype=torch.int32, device=dev)
+    fps_mean_kernel[(S, triton.cdiv(D, cfg.fps_d), nc)](
+        x, seg, means, *strides, D, nc,
+        OFF32=off32, BLOCK_N=cfg.fps_n, BLOCK_D=cfg.fps_d, num_warps=4,
+    )  # fmt: skip
     ncp = triton.next_power_of_2(nc)
     block_p = _pow2(int(triton.cdiv(n_max, cfg.fps_n)), 16, 1024)
     for step in range(m_max + 1):
         fps_step_kernel[(nbt,)](
             x, seg, blk, seg_blk, means, dist, sqnorm, dots, basis, pval, pidx,
             step, T, nbt, m_max, *strides, D, nc,
-            FIRST=step == 0, NCP=ncp, BLOCK_N=cfg.fps_n, BLOCK_D=cfg.fps_d, BLOCK_P=block_p,
-            num_warps=cfg.fps_warps,
+            FIRST=step == 0, OFF32=off32, NCP=ncp,
+            BLOCK_N=cfg.fps_n, BLOCK_D=cfg.fps_d, BLOCK_P=block_p, num_warps=4,
         )  # fmt: skip
 
     # residual: only segments that keep more than their basis need errors.
@@ -206,7 +213,7 @@ def run(
         mblk, _ = _block_tables(tuple(seqlens), cfg.merge_n, dev)
         merge_assign_kernel[(mblk.shape[0],)](
             x, seg, mblk, sqnorm, kept, assign, *strides, D,
-            LOCAL=dense, UPCAST=upcast, BLOCK_N=cfg.merge_n, BLOCK_K=cfg.merge_k,
+            LOCAL=dense, UPCAST=upcast, OFF32=off32, BLOCK_N=cfg.merge_n, BLOCK_K=cfg.merge_k,
             BLOCK_D=cfg.merge_d, num_warps=cfg.merge_warps, num_stages=cfg.merge_stages,
         )  # fmt: skip
         slots = assign
@@ -215,8 +222,8 @@ def run(
         # Stable: members of a row stay in token order, so the fp32 sum order is fixed.
         sorted_slots, perm = torch.sort(slots, stable=True)
         row_start = torch.searchsorted(sorted_slots, _row_ids(R, dev))
-    merge_mean_kernel[(R, triton.cdiv(D, cfg.mean_d))](
+    merge_mean_kernel[(R, triton.cdiv(D, cfg.row_d))](
         x, out, perm, row_start, kept, *strides, D, k_max,
-        MERGE=merge, LOCAL=dense, BLOCK_M=cfg.mean_m, BLOCK_D=cfg.mean_d, num_warps=4,
+        MERGE=merge, LOCAL=dense, BLOCK_M=cfg.row_m, BLOCK_D=cfg.row_d, num_warps=4,
     )  # fmt: skip
     return out, kept, assign

@@ -15,7 +15,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fps import BIG_INDEX, SEG_COLS, SEG_KEEP, SEG_LEN, SEG_OUT, SEG_TOK, row_offset
+from .fps import (
+    BIG_INDEX,
+    SEG_COLS,
+    SEG_KEEP,
+    SEG_LEN,
+    SEG_OUT,
+    SEG_TOK,
+    local_offset,
+    row_offset,
+)
 
 COS_EPS = tl.constexpr(1e-12)
 
@@ -24,7 +33,7 @@ COS_EPS = tl.constexpr(1e-12)
 def merge_assign_kernel(
     x_ptr, seg_ptr, blk_ptr, sqnorm_ptr, kept_ptr, assign_ptr,
     n_div, stride_s, stride_n, stride_d, D,
-    LOCAL: tl.constexpr, UPCAST: tl.constexpr,
+    LOCAL: tl.constexpr, UPCAST: tl.constexpr, OFF32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Fills ``assign`` for the dropped tokens (those select marked -1); 1-D grid of token blocks.
@@ -34,11 +43,11 @@ def merge_assign_kernel(
     """
     pid = tl.program_id(0).to(tl.int64)
     s = tl.load(blk_ptr + pid * 2)
-    local0 = tl.load(blk_ptr + pid * 2 + 1)
+    local0 = tl.load(blk_ptr + pid * 2 + 1).to(tl.int32)
     tok0 = tl.load(seg_ptr + s * SEG_COLS + SEG_TOK)
-    n_s = tl.load(seg_ptr + s * SEG_COLS + SEG_LEN)
+    n_s = tl.load(seg_ptr + s * SEG_COLS + SEG_LEN).to(tl.int32)
     out0 = tl.load(seg_ptr + s * SEG_COLS + SEG_OUT)
-    k_s = tl.load(seg_ptr + s * SEG_COLS + SEG_KEEP)
+    k_s = tl.load(seg_ptr + s * SEG_COLS + SEG_KEEP).to(tl.int32)
     i = local0 + tl.arange(0, BLOCK_N)
     i_mask = i < n_s
     own = tl.load(assign_ptr + tok0 + i, mask=i_mask, other=0)
@@ -46,24 +55,27 @@ def merge_assign_kernel(
     if tl.max(drop.to(tl.int32), axis=0) == 0:  # all kept (e.g. K = N): nothing to assign
         return
     base = row_offset(tok0, n_div, stride_s, stride_n)
+    x_seg = x_ptr + base
+    v_off = local_offset(i, stride_n, OFF32)
     v_norm = tl.sqrt_rn(tl.load(sqnorm_ptr + tok0 + i, mask=i_mask, other=0.0))
     best = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    best_slot = tl.zeros([BLOCK_N], dtype=tl.int64)
+    best_slot = tl.zeros([BLOCK_N], dtype=tl.int32)
     for k0 in range(0, k_s, BLOCK_K):
-        j = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        j = (k0 + tl.arange(0, BLOCK_K)).to(tl.int32)
         j_mask = j < k_s
         kept = tl.load(kept_ptr + out0 + j, mask=j_mask, other=0)
         if not LOCAL:
             kept -= tok0
-        kept = tl.where(j_mask, kept, 0)
+        kept = tl.where(j_mask, kept, 0).to(tl.int32)
         w_norm = tl.sqrt_rn(tl.load(sqnorm_ptr + tok0 + kept, mask=j_mask, other=0.0))
+        w_off = local_offset(kept, stride_n, OFF32)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_mask = d < D
-            v = tl.load(x_ptr + base + i[:, None] * stride_n + d[None, :] * stride_d,
+            v = tl.load(x_seg + v_off[:, None] + d[None, :] * stride_d,
                         mask=drop[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
-            w = tl.load(x_ptr + base + kept[None, :] * stride_n + d[:, None] * stride_d,
+            w = tl.load(x_seg + w_off[None, :] + d[:, None] * stride_d,
                         mask=j_mask[None, :] & d_mask[:, None], other=0.0)  # fmt: skip
             if UPCAST:
                 acc = tl.dot(v.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")

@@ -69,16 +69,16 @@ def residual_kernel(
     """
     pid = tl.program_id(0).to(tl.int64)
     s = tl.load(blk_ptr + pid * 2)
-    local0 = tl.load(blk_ptr + pid * 2 + 1)
+    local0 = tl.load(blk_ptr + pid * 2 + 1).to(tl.int32)
     tok0 = tl.load(seg_ptr + s * SEG_COLS + SEG_TOK)
-    n_s = tl.load(seg_ptr + s * SEG_COLS + SEG_LEN)
+    n_s = tl.load(seg_ptr + s * SEG_COLS + SEG_LEN).to(tl.int32)
     k_s = tl.load(seg_ptr + s * SEG_COLS + SEG_KEEP)
     m_s = tl.load(seg_ptr + s * SEG_COLS + SEG_M)
     if k_s <= m_s:
         return
     r = tl.arange(0, MP)
     r_valid = r < m_s
-    basis = tl.load(basis_ptr + s * M_MAX + r, mask=r_valid, other=0)
+    basis = tl.load(basis_ptr + s * M_MAX + r, mask=r_valid, other=0).to(tl.int32)
     pair = r_valid[:, None] & r_valid[None, :]
     # G[t, u] = v_{b_t} · v_{b_u} = dots[u, b_t]; symmetrized because the two halves come from
     # different FPS steps (as in the reference).

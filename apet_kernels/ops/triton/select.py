@@ -50,7 +50,7 @@ def select_kernel(
     """
     s = tl.program_id(0).to(tl.int64)
     tok0 = tl.load(seg_ptr + s * SEG_COLS + SEG_TOK)
-    n_s = tl.load(seg_ptr + s * SEG_COLS + SEG_LEN)
+    n_s = tl.load(seg_ptr + s * SEG_COLS + SEG_LEN).to(tl.int32)
     out0 = tl.load(seg_ptr + s * SEG_COLS + SEG_OUT)
     k_s = tl.load(seg_ptr + s * SEG_COLS + SEG_KEEP)
     m_s = tl.load(seg_ptr + s * SEG_COLS + SEG_M)
@@ -73,20 +73,20 @@ def select_kernel(
     tau = tl.where(ranked > 0, lo, KEY_NONE)
     ties_needed = ranked - count_hi  # >= 1 when ranked > 0
 
-    kept_before = tl.zeros([], dtype=tl.int64)
+    kept_before = tl.zeros([], dtype=tl.int32)
     ties_before = tl.zeros([], dtype=tl.int32)
     for n0 in range(0, n_s, BLOCK):
-        i = (n0 + lane).to(tl.int64)
+        i = (n0 + lane).to(tl.int32)
         i_mask = i < n_s
         is_basis = tl.zeros([BLOCK], dtype=tl.int1)
         for t in tl.static_range(MP):
-            b = tl.load(basis_ptr + s * M_MAX + t, mask=t < m_s, other=-1)
+            b = tl.load(basis_ptr + s * M_MAX + t, mask=t < m_s, other=-1).to(tl.int32)
             is_basis = is_basis | (i == b)
         keys = tl.load(key_ptr + tok0 + i, mask=i < n_keys, other=-1)
         tie = (keys == tau).to(tl.int32)
         tie_rank = ties_before + tl.cumsum(tie, axis=0) - tie
         keep = is_basis | (keys > tau) | ((tie > 0) & (tie_rank < ties_needed))
-        keep = (keep & i_mask).to(tl.int64)
+        keep = (keep & i_mask).to(tl.int32)
         slot = kept_before + tl.cumsum(keep, axis=0) - keep
         if LOCAL:
             tl.store(kept_ptr + out0 + slot, i, mask=keep > 0)
