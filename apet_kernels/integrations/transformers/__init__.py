@@ -1,0 +1,50 @@
+"""ApET for Hugging Face VLMs: LLaVA-1.5, LLaVA-NeXT, Video-LLaVA and Qwen2.5-VL.
+
+``apply_apet(model)`` patches a model instance (or class) in place so that its forward and
+``generate`` compress visual tokens in two stages (arXiv 2602.19870):
+
+* stage 1, per image unit, where the paper puts it: on the vision features before the projector
+  (LLaVA family; LLaVA-NeXT per crop, Video-LLaVA per frame) or on the merger output
+  (Qwen2.5-VL). Placeholder tokens in input_ids, attention_mask and labels shrink to match.
+* stage 2 (optional), on the visual hidden states before decoder layer ``layer``. Positions,
+  rotary embeddings, masks and the per-layer KV cache stay consistent through prefill and decode.
+
+Outputs (logits, hidden states) cover the compressed sequence. ``last_selection(model)`` tells
+which tokens each stage kept. Supported transformers: ``SUPPORTED_TRANSFORMERS`` (tested with
+5.17 and 5.23); attention: "sdpa", "eager" (tested) and "flash_attention_2" (untested); caches:
+``DynamicCache`` (what ``generate`` uses by default).
+
+Example:
+    >>> from apet_kernels.integrations import apply_apet, last_selection
+    >>> model = apply_apet(LlavaForConditionalGeneration.from_pretrained(...))  # 96 -> 32 @ 16
+    >>> out = model.generate(**inputs, max_new_tokens=32)
+    >>> last_selection(model).units[0].kept  # stage-1 kept token indices of the first image
+"""
+
+from __future__ import annotations
+
+from ._config import ApetConfig
+from ._patch import (
+    SUPPORTED_TRANSFORMERS,
+    apply_apet,
+    is_patched,
+    last_selection,
+    presets,
+    remove_apet,
+    supported_model_types,
+)
+from ._selection import Selection, UnitInfo, UnitSelection
+
+__all__ = [
+    "SUPPORTED_TRANSFORMERS",
+    "ApetConfig",
+    "Selection",
+    "UnitInfo",
+    "UnitSelection",
+    "apply_apet",
+    "is_patched",
+    "last_selection",
+    "presets",
+    "remove_apet",
+    "supported_model_types",
+]

@@ -1,0 +1,216 @@
+"""apply_apet / remove_apet / last_selection, the shim registry and the presets."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import transformers
+from packaging.version import Version
+from torch import nn
+
+from ._common import Patch, Shim, make_layer_hook, patched_forward
+from ._config import ApetConfig
+from ._selection import Selection
+from .llava import LlavaShim
+from .llava_next import LlavaNextShim
+from .qwen2_5_vl import Qwen25VLShim
+from .video_llava import VideoLlavaShim
+
+#: transformers versions the shims are tested against (5.17 and 5.23); older versions lack the
+#: cache/mask API they use (``create_causal_mask(layer_idx=...)``, no ``cache_position``).
+SUPPORTED_TRANSFORMERS = ">=5.17,<5.24"
+_MIN, _MAX = Version("5.17"), Version("5.24")
+
+_SHIMS: dict[str, Shim] = {}
+for _shim in (LlavaShim(), LlavaNextShim(), VideoLlavaShim(), Qwen25VLShim()):
+    for _type in _shim.model_types:
+        _SHIMS[_type] = _shim
+
+_ATTR = "_apet_patch"
+_CLASS_ATTR = "_apet_class_patch"
+
+
+def supported_model_types() -> list[str]:
+    """``config.model_type`` values that have a shim."""
+    return sorted(_SHIMS)
+
+
+def presets(model_type: str | None = None) -> dict[str, ApetConfig]:
+    """Named budgets (the paper's rows), for one model type or all of them."""
+    shims = (
+        [_shim_for(model_type)] if model_type is not None else list(dict.fromkeys(_SHIMS.values()))
+    )
+    return {name: cfg for shim in shims for name, cfg in shim.presets.items()}
+
+
+def _shim_for(model_type: object) -> Shim:
+    shim = _SHIMS.get(model_type) if isinstance(model_type, str) else None
+    if shim is None:
+        raise ValueError(
+            f"apet has no shim for model type {model_type!r}; supported model types: "
+            f"{', '.join(supported_model_types())}"
+        )
+    return shim
+
+
+def _check_version() -> None:
+    found = Version(transformers.__version__)
+    if found < _MIN:
+        raise RuntimeError(
+            f"apet's transformers shims need transformers{SUPPORTED_TRANSFORMERS}, found {found}"
+        )
+    if found.release[:2] >= _MAX.release[:2]:
+        warnings.warn(
+            f"apet's transformers shims are tested with transformers{SUPPORTED_TRANSFORMERS}, "
+            f"found {found}",
+            stacklevel=3,
+        )
+
+
+def _resolve(shim: Shim, config, overrides: dict) -> ApetConfig:
+    if config is None:
+        config = shim.default_preset
+    if isinstance(config, str):
+        if config not in shim.presets:
+            raise ValueError(
+                f"unknown preset {config!r} for {shim.model_types[0]}; presets: "
+                f"{', '.join(shim.presets)}"
+            )
+        config = shim.presets[config]
+    if not isinstance(config, ApetConfig):
+        raise TypeError(f"config must be an ApetConfig, a preset name or None, got {config!r}")
+    config = config.replace(**overrides) if overrides else config
+    if config.positions is None:
+        config = config.replace(positions=shim.default_positions)
+    return config
+
+
+def _check_model(shim: Shim, model: nn.Module, config: ApetConfig) -> None:
+    lm = shim.language_model(model)
+    layers = len(lm.layers)
+    if config.layer is not None and not 1 <= config.layer < layers:
+        raise ValueError(
+            f"layer must satisfy 1 <= layer < {layers} (this model's decoder layers), "
+            f"got {config.layer}"
+        )
+    types = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
+    if types != {"full_attention"}:
+        raise NotImplementedError(
+            f"apet supports full-attention decoders only, got {sorted(types)}"
+        )
+
+
+def apply_apet(model, config: ApetConfig | str | None = None, **overrides):
+    """Patch a VLM so that its forward (and generate) compresses visual tokens with ApET.
+
+    Args:
+        model: a LLaVA-1.5, LLaVA-NeXT, Video-LLaVA or Qwen2.5-VL model instance
+            (``*ForConditionalGeneration`` or the base ``*Model``), patched in place; or one of
+            those classes, whose instances are then patched as they are built.
+        config: an :class:`ApetConfig`, a preset name (see :func:`presets`), or None for the
+            paper's setting for this model.
+        **overrides: ApetConfig fields replacing the config's (e.g. ``layer=2``).
+
+    Returns:
+        The same model (or class).
+
+    Raises:
+        ValueError: unsupported model type, unknown preset, or a budget/layer out of range.
+        TypeError: a field of the wrong type or an unknown field name.
+    """
+    _check_version()
+    if isinstance(model, type):
+        return _apply_class(model, config, overrides)
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers model instance or class, got {model!r}")
+    shim = _shim_for(model.config.model_type)
+    config = _resolve(shim, config, overrides)
+    _check_model(shim, model, config)
+    if hasattr(model, _ATTR):
+        remove_apet(model)
+    had = "forward" in model.__dict__
+    patch = Patch(shim, config, model, model.forward, had)
+
+    @functools.wraps(patch.orig_forward)
+    def forward(*args, **kwargs):
+        return patched_forward(patch, args, kwargs)
+
+    if config.layer is not None:
+        layers = shim.language_model(model).layers
+        for i in range(config.layer, len(layers)):
+            patch.hooks.append(
+                layers[i].register_forward_pre_hook(make_layer_hook(patch, i), with_kwargs=True)
+            )
+    model.forward = forward
+    object.__setattr__(model, _ATTR, patch)
+    return model
+
+
+def remove_apet(model):
+    """Undo :func:`apply_apet` exactly (hooks, forward; for a class, its constructor)."""
+    if isinstance(model, type):
+        saved = model.__dict__.get(_CLASS_ATTR)
+        if saved is not None:
+            model.__init__ = saved[0]
+            delattr(model, _CLASS_ATTR)
+        return model
+    patch = model.__dict__.get(_ATTR)
+    if patch is None:
+        return model
+    for handle in patch.hooks:
+        handle.remove()
+    if patch.had_instance_forward:
+        model.forward = patch.orig_forward
+    else:
+        del model.__dict__["forward"]
+    del model.__dict__[_ATTR]
+    return model
+
+
+def _apply_class(cls: type, config, overrides: dict) -> type:
+    model_type = getattr(getattr(cls, "config_class", None), "model_type", None)
+    shim = _shim_for(model_type)
+    resolved = _resolve(shim, config, overrides)
+    remove_apet(cls)
+    orig_init = cls.__dict__.get("__init__", cls.__init__)
+
+    @functools.wraps(orig_init)
+    def __init__(self, *args, **kwargs):
+        orig_init(self, *args, **kwargs)
+        if type(self) is cls:
+            apply_apet(self, resolved)
+
+    cls.__init__ = __init__
+    setattr(cls, _CLASS_ATTR, (orig_init, resolved))
+    return cls
+
+
+def last_selection(model) -> Selection | None:
+    """The selections of the last compressing forward of a patched model (None before any).
+
+    Returns:
+        A :class:`Selection`: per image unit the batch row, kind/item/index, the token grid
+        ``(h, w)`` when known, the stage-1 ``kept`` indices and ``assign``, and the stage-2
+        ``layer_kept`` indices into the stage-1 tokens (with ``layer_assign``). CPU tensors.
+    """
+    patch = model.__dict__.get(_ATTR) if isinstance(model, nn.Module) else None
+    if patch is None:
+        raise ValueError("model is not patched with apply_apet")
+    return None if patch.selection is None else patch.selection.unpack()
+
+
+def is_patched(model) -> bool:
+    """Whether apply_apet is active on this instance."""
+    return isinstance(model, nn.Module) and _ATTR in model.__dict__
+
+
+__all__ = [
+    "SUPPORTED_TRANSFORMERS",
+    "apply_apet",
+    "is_patched",
+    "last_selection",
+    "presets",
+    "remove_apet",
+    "supported_model_types",
+]

@@ -1,0 +1,7 @@
+"""placeholder"""
+
+from ._common import Shim
+
+
+class LlavaNextShim(Shim):
+    model_types = ()  # not implemented yet
