@@ -1,0 +1,316 @@
+"""The Triton backend against the float64 oracle, on CPU tensors under the Triton interpreter.
+
+conftest sets ``TRITON_INTERPRET=1`` before triton is imported, so these run without a GPU. They
+check semantics (SPEC.md), not GPU-only behaviour: the interpreter neither catches out-of-bounds
+accesses nor lowers the kernels, so one more test compiles every kernel for sm_90 (ptxas only,
+no device) in a subprocess without the interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import apet_kernels
+from apet_kernels.ops import reference
+
+triton = pytest.importorskip("triton")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The output is one rounding of an fp32 mean to the input dtype (the interpreter's fp32->bf16
+# cast truncates, hence a full bf16 ulp).
+VALUE_TOL = {
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+}
+
+
+def gaussian(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def triton_dense(x, keep, num_basis=10, ridge=1e-4, merge=True):
+    from apet_kernels.ops import triton as backend
+
+    return backend.compress_dense(x, keep, num_basis, ridge, merge)
+
+
+def triton_varlen(x, seqlens, keeps, num_basis=10, ridge=1e-4, merge=True):
+    from apet_kernels.ops import triton as backend
+
+    return backend.compress_varlen(x, seqlens, keeps, num_basis, ridge, merge)
+
+
+def assert_matches(got, want, dtype):
+    """Indices identical, values within the dtype's tolerance of the float64 oracle."""
+    out, kept, assign = got
+    assert out.dtype == dtype and kept.dtype == torch.int64 and assign.dtype == torch.int64
+    assert out.is_contiguous() and kept.is_contiguous() and assign.is_contiguous()
+    assert torch.equal(kept, want[1])
+    assert torch.equal(assign, want[2])
+    torch.testing.assert_close(out.double(), want[0], **VALUE_TOL[dtype])
+
+
+def assert_indices_valid(kept, assign, n, k):
+    """SPEC.md NaN/Inf contract: kept unique, ascending, in [0, N); assign in [-1, K)."""
+    assert kept.shape[-1] == k
+    assert bool((kept >= 0).all()) and bool((kept < n).all())
+    assert bool((kept[..., 1:] > kept[..., :-1]).all())
+    assert bool((assign >= -1).all()) and bool((assign < k).all())
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """GPU-like small tiles (16 tokens, 16 features): exercises every multi-block loop (feature
+    chunks, several token blocks per segment, partial re-reduction, several K tiles, several
+    select tiles) on small shapes."""
+    from apet_kernels.ops.triton import launcher
+
+    original = launcher._config
+
+    def small(*args, **kwargs):
+        cfg = original(*args, **kwargs)
+        return dataclasses.replace(
+            cfg, fps_n=16, fps_d=16, residual_n=16, select_block=16, merge_n=16, merge_k=16,
+            merge_d=16, row_m=2, row_d=16,
+        )  # fmt: skip
+
+    monkeypatch.setattr(launcher, "_config", small)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("merge", [True, False])
+def test_dense_matches_oracle(dtype, merge):
+    x = gaussian(2, 97, 40, seed=1, dtype=dtype)
+    want = reference.compress_dense(x.double(), 30, 10, 1e-4, merge)
+    assert_matches(triton_dense(x, 30, merge=merge), want, dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_matches_oracle(dtype):
+    # Zero-length segments, N = 1, K = N, K <= M and K > M segments in one call.
+    seqlens, keeps = [50, 0, 77, 1, 0, 33, 12], [12, 0, 30, 1, 0, 33, 4]
+    x = gaussian(sum(seqlens), 24, seed=2, dtype=dtype)
+    want = reference.compress_varlen(x.double(), seqlens, keeps, 10, 1e-4, True)
+    assert_matches(triton_varlen(x, seqlens, keeps), want, dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_small_blocks_match_oracle(small_blocks, dtype):
+    # D = 37 spans three 16-wide feature chunks with a ragged tail; N = 50 spans four token
+    # blocks; K = 20 spans two K tiles.
+    x = gaussian(1, 50, 37, seed=3, dtype=dtype)
+    want = reference.compress_dense(x.double(), 20, 10, 1e-4, True)
+    assert_matches(triton_dense(x, 20), want, dtype)
+    seqlens, keeps = [40, 0, 21, 1], [18, 0, 5, 1]
+    xv = gaussian(sum(seqlens), 37, seed=4, dtype=dtype)
+    want = reference.compress_varlen(xv.double(), seqlens, keeps, 10, 1e-4, True)
+    assert_matches(triton_varlen(xv, seqlens, keeps), want, dtype)
+
+
+@needs_interpreter
+def test_many_segments():
+    generator = torch.Generator().manual_seed(5)
+    seqlens = torch.randint(0, 40, (24,), generator=generator).tolist()
+    keeps = [0 if n == 0 else 1 + (n * 3) // 10 for n in seqlens]
+    x = gaussian(sum(seqlens), 16, seed=5)
+    want = reference.compress_varlen(x.double(), seqlens, keeps, 6, 1e-4, True)
+    assert_matches(triton_varlen(x, seqlens, keeps, num_basis=6), want, torch.float32)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("merge", [True, False])
+def test_keep_all_is_identity(dtype, merge):
+    x = gaussian(2, 33, 20, seed=6, dtype=dtype)
+    out, kept, assign = triton_dense(x, 33, merge=merge)
+    assert torch.equal(out.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       x.view(torch.int16 if dtype != torch.float32 else torch.int32))  # fmt: skip
+    assert torch.equal(kept, torch.arange(33).expand(2, 33))
+    assert torch.equal(assign, torch.arange(33).expand(2, 33))
+    xv = gaussian(40, 20, seed=7, dtype=dtype)
+    out, kept, assign = triton_varlen(xv, [25, 0, 15], [25, 0, 15], merge=merge)
+    assert torch.equal(out, xv) and torch.equal(kept, torch.arange(40))
+    assert torch.equal(assign, torch.arange(40))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("keep", [1, 4, 10])
+def test_keep_at_most_basis_is_fps(keep):
+    x = gaussian(3, 29, 12, seed=8)
+    want = reference.compress_dense(x.double(), keep, 10, 1e-4, True)
+    assert_matches(triton_dense(x, keep), want, torch.float32)
+
+
+@needs_interpreter
+def test_single_token_segments():
+    x = gaussian(3, 1, 9, seed=9, dtype=torch.float16)
+    out, kept, assign = triton_dense(x, 1)
+    assert torch.equal(out, x) and not kept.any() and not assign.any()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("ridge", [1e-4, 0.0])
+def test_duplicates_and_zero_tokens(ridge):
+    base = gaussian(1, 6, 16, seed=10)
+    # Six points three times each plus two all-zero tokens: exact-zero FPS distances, exactly
+    # tied errors and cosines between copies, all broken by the lowest index. With M = 4 the
+    # basis takes 4 of the 7 distinct points; K = 5 and 6 then take 1 and 2 of the 3 copies of
+    # the worst-approximated point. (Larger K would rank tokens whose errors are only ridge
+    # residue, a near-tie that fp32 and the float64 oracle may order differently.)
+    x = torch.cat([base, base, torch.zeros(1, 2, 16), base], dim=1)
+    for keep in (3, 5, 6):
+        got = triton_dense(x, keep, num_basis=4, ridge=ridge)
+        assert torch.isfinite(got[0]).all()
+        want = reference.compress_dense(x.double(), keep, 4, ridge, True)
+        assert_matches(got, want, x.dtype)
+    got = triton_dense(torch.zeros(2, 30, 8), 12, ridge=ridge)
+    assert torch.equal(got[0], torch.zeros(2, 12, 8))
+    assert torch.equal(got[1], torch.arange(12).expand(2, 12))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_inf_keep_indices_valid(dtype):
+    x = gaussian(2, 40, 16, seed=11, dtype=dtype)
+    x[0, 3, 2] = float("nan")
+    x[0, 7] = float("inf")
+    x[0, 9, 0] = float("-inf")
+    x[1] = float("nan")
+    for keep in (1, 5, 25):
+        out, kept, assign = triton_dense(x, keep)
+        assert_indices_valid(kept, assign, 40, keep)
+        assert bool((assign >= 0).all())  # merging assigns every token
+    seqlens = [20, 0, 60]
+    xv = gaussian(80, 16, seed=12, dtype=dtype)
+    xv[5:9] = float("nan")
+    xv[30, 1] = float("inf")
+    for merge in (True, False):
+        out, kept, assign = triton_varlen(xv, seqlens, [7, 0, 30], merge=merge)
+        # Global rows: segment 0 owns rows [0, 20) and slots [0, 7), segment 2 the rest.
+        assert_indices_valid(kept, assign, 80, 37)
+        assert bool((kept[:7] < 20).all()) and bool((kept[7:] >= 20).all())
+        assert bool((assign[:20] < 7).all()) and bool((assign[20:] != -1).all() or not merge)
+        assert bool((assign[20:] == -1).logical_or(assign[20:] >= 7).all())
+
+
+@needs_interpreter
+def test_non_contiguous_input():
+    base = gaussian(40, 3, 50, seed=13)
+    x = base.transpose(0, 1)[:, :, ::2]  # (3, 40, 25), no unit stride anywhere
+    assert not x.is_contiguous()
+    got = triton_dense(x, 11)
+    assert_matches(got, reference.compress_dense(x.double(), 11, 10, 1e-4, True), x.dtype)
+    contiguous = triton_dense(x.contiguous(), 11)
+    assert all(torch.equal(a, b) for a, b in zip(got, contiguous, strict=True))
+    xv = gaussian(30, 40, seed=14)[:, ::3]  # (30, 14), row stride 40
+    got = triton_varlen(xv, [10, 20], [4, 6])
+    want = reference.compress_varlen(xv.double(), [10, 20], [4, 6], 10, 1e-4, True)
+    assert_matches(got, want, xv.dtype)
+
+
+@needs_interpreter
+def test_deterministic():
+    x = gaussian(2, 65, 24, seed=15, dtype=torch.bfloat16)
+    first, second = triton_dense(x, 20), triton_dense(x, 20)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@needs_interpreter
+def test_through_the_op():
+    x = gaussian(2, 50, 16, seed=16, dtype=torch.float16)
+    got = apet_kernels.compress(x, 12, backend="triton")
+    want = reference.compress_dense(x.double(), 12, 10, 1e-4, True)
+    assert_matches(tuple(got), want, x.dtype)
+    got = apet_kernels.compress_varlen(x.view(100, 16), [60, 40], 9, backend="triton")
+    want = reference.compress_varlen(x.view(100, 16).double(), [60, 40], [9, 9], 10, 1e-4, True)
+    assert_matches(tuple(got), want, x.dtype)
+
+
+def test_unavailable_without_interpreter(monkeypatch):
+    from apet_kernels.ops import triton as backend
+
+    x = torch.zeros(1, 4, 2)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET" in backend.unavailable_reason(x)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        apet_kernels.compress(x, 2, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.unavailable_reason(x) is None
+    assert "float64" in backend.unavailable_reason(x.double())
+    assert backend.unavailable_reason(torch.empty(0, device="meta")) is not None
+
+
+def test_kernels_compile_for_sm90():
+    """Lower every kernel variant the launcher can pick to an sm_90 cubin (frontend, layouts,
+    ptxas) in a subprocess without the interpreter; no GPU is needed."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def _compile_all_for_sm90() -> None:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from apet_kernels.ops.triton import fps, merge, residual, select
+
+    pointers = {
+        "seg_ptr": "*i64", "blk_ptr": "*i64", "segblk_ptr": "*i64", "part_ptr": "*fp32",
+        "mean_ptr": "*fp32", "dist_ptr": "*fp32", "sqnorm_ptr": "*fp32", "dots_ptr": "*fp32",
+        "basis_ptr": "*i64", "pval_ptr": "*fp32", "pidx_ptr": "*i32", "key_ptr": "*i32",
+        "kept_ptr": "*i64", "assign_ptr": "*i64", "perm_ptr": "*i64", "row_start_ptr": "*i64",
+    }  # fmt: skip
+
+    def build(kernel, x_type, constants, **options):
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constants:
+                signature[name] = "constexpr"
+            elif name in ("x_ptr", "out_ptr"):
+                signature[name] = f"*{x_type}"
+            else:
+                signature[name] = pointers.get(name, "fp32" if name == "ridge" else "i64")
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+        triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+    for x_type in ("fp16", "bf16", "fp32"):
+        for off32 in (True, False):
+            build(fps.fps_mean_kernel, x_type, dict(OFF32=off32, BLOCK_N=32, BLOCK_D=64))
+            for first in (True, False):
+                consts = dict(FIRST=first, OFF32=off32, NCP=4, BLOCK_N=32, BLOCK_D=64, BLOCK_P=64)
+                build(fps.fps_step_kernel, x_type, consts)
+        fp32 = x_type == "fp32"
+        for local in (True, False):
+            consts = dict(LOCAL=local, UPCAST=fp32, OFF32=local, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32)
+            build(merge.merge_assign_kernel, x_type, consts, num_warps=8 if fp32 else 4)
+            for do_merge in (True, False):
+                consts = dict(MERGE=do_merge, LOCAL=local, BLOCK_M=8, BLOCK_D=256)
+                build(merge.merge_mean_kernel, x_type, consts)
+    for mp in (2, 16):
+        build(residual.residual_kernel, "fp32", dict(MP=mp, BLOCK_N=128))
+        for local in (True, False):
+            build(select.select_kernel, "fp32", dict(LOCAL=local, MP=mp, BLOCK=4096), num_warps=16)
+
+
+if __name__ == "__main__":  # the subprocess of test_kernels_compile_for_sm90
+    _compile_all_for_sm90()
