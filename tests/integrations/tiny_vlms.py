@@ -10,6 +10,8 @@ runs in a few minutes on two CPU cores.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import transformers
 
@@ -123,6 +125,9 @@ def build_video_llava(attn: str = "sdpa"):
         video_seq_length=4 * 37,
     )
     model = _finish(transformers.VideoLlavaForConditionalGeneration, cfg, attn)
+    # transformers < 5.23 names the image input pixel_values_images
+    params = inspect.signature(model.forward).parameters
+    image_key = "pixel_values" if "pixel_values" in params else "pixel_values_images"
 
     def make_inputs(prompts, pad="left"):
         rows, images, videos = [], [], []
@@ -142,7 +147,7 @@ def build_video_llava(attn: str = "sdpa"):
         ids, mask = _pad_batch(rows, pad)
         out = dict(input_ids=ids, attention_mask=mask)
         if images:
-            out["pixel_values"] = torch.stack(images)
+            out[image_key] = torch.stack(images)
         if videos:
             out["pixel_values_videos"] = torch.stack(videos)
         return out
