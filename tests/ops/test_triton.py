@@ -73,8 +73,8 @@ def assert_indices_valid(kept, assign, n, k):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """GPU-like small tiles (16 tokens, 16 features): exercises every multi-block loop (feature
-    chunks, several token blocks per segment, partial re-reduction, several K tiles, several
-    select tiles) on small shapes."""
+    chunks, a split centroid sum, several token blocks per segment, partials re-reduced in
+    several chunks, several K tiles, several select tiles) on small shapes."""
     from apet_kernels.ops.triton import launcher
 
     original = launcher._config
@@ -82,8 +82,8 @@ def small_blocks(monkeypatch):
     def small(*args, **kwargs):
         cfg = original(*args, **kwargs)
         return dataclasses.replace(
-            cfg, fps_n=16, fps_d=16, residual_n=16, select_block=16, merge_n=16, merge_k=16,
-            merge_d=16, row_m=2, row_d=16,
+            cfg, fps_n=16, fps_d=16, fps_chunks=3, fps_p=2, residual_n=16, select_block=16,
+            merge_n=16, merge_k=16, merge_d=16, row_m=2, row_d=16,
         )  # fmt: skip
 
     monkeypatch.setattr(launcher, "_config", small)
@@ -184,6 +184,7 @@ def test_duplicates_and_zero_tokens(ridge):
 
 
 @needs_interpreter
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_inf_keep_indices_valid(dtype):
     x = gaussian(2, 40, 16, seed=11, dtype=dtype)

@@ -185,7 +185,7 @@ def fps_step_kernel(
             diff = v - b[None, :]
             acc_dist += tl.sum(diff * diff, axis=1)
             acc_aux += tl.sum(v * b[None, :], axis=1)
-        tl.store(dots_ptr + (step - 1) * T + tok0 + i, acc_aux, mask=i_mask)
+        tl.store(dots_ptr + tl.cast(step - 1, tl.int64) * T + tok0 + i, acc_aux, mask=i_mask)
         if step == m_s:  # last pick: its dot products were all that was left to compute
             return
         old = tl.load(dist_ptr + tok0 + i, mask=i_mask, other=0.0)

@@ -40,7 +40,9 @@ class _Config:
 
     fps_n: int
     fps_d: int
+    fps_warps: int
     fps_chunks: int  # token chunks of the centroid sum, to fill the GPU for one image
+    fps_p: int  # partials re-reduced per chunk at the start of each FPS step
     residual_n: int
     select_block: int
     select_warps: int
@@ -58,16 +60,22 @@ def _config(x: torch.Tensor, n_max: int, k_max: int, num_segments: int, total: i
     if x.device.type != "cuda":  # interpreter: few programs, big numpy tiles
         fps_n = _pow2(n_max, 16, 1024)
         return _Config(
-            fps_n=fps_n, fps_d=_pow2(D, 16, max(16, 2**18 // fps_n)), fps_chunks=1,
+            fps_n=fps_n, fps_d=_pow2(D, 16, max(16, 2**18 // fps_n)), fps_warps=4, fps_chunks=1,
+            fps_p=_pow2(triton.cdiv(n_max, fps_n), 16, 1024),
             residual_n=_pow2(n_max, 16, 1024), select_block=_pow2(n_max, 16, 8192),
             select_warps=4, merge_n=_pow2(n_max, 16, 256), merge_k=_pow2(k_max, 16, 256),
             merge_d=_pow2(D, 16, 256), merge_warps=4, merge_stages=1,
             row_m=32, row_d=_pow2(D, 16, 1024),
         )  # fmt: skip
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    # 32x64 streaming tiles: 128 registers at 4 warps (ptxas, sm_90); 32x128 needs ~250.
-    # Smaller token blocks when the whole problem is small, so one image still spreads over SMs.
+    # FPS tiles of fps_n x 64 with at most 16 elements per thread: 128 registers (ptxas, sm_90;
+    # 32x128 on 4 warps needs ~250). Small problems take 16-token blocks so one image still
+    # spreads over the SMs; long segments take up to 128-token blocks so that no segment has
+    # more than 256 blocks, whose partials every program of the next step re-reads (2048
+    # partials x 2048 programs would be 32 MB of L2 reads per step at N = 65536).
     fps_n, fps_d = (32 if total >= 2 * sms * 32 else 16), 64
+    while fps_n < 128 and triton.cdiv(n_max, fps_n) > 256:
+        fps_n *= 2
     d_blocks = triton.cdiv(D, fps_d)
     chunks = max(1, min(16, (2 * sms) // max(1, num_segments * d_blocks), triton.cdiv(n_max, 64)))
     select_block = _pow2(n_max, 256, 4096)
@@ -75,7 +83,8 @@ def _config(x: torch.Tensor, n_max: int, k_max: int, num_segments: int, total: i
     # fp32 (IEEE dot) 8 warps 2 stages (189 regs); the gathered kept rows rule out TMA.
     fp32 = x.dtype == torch.float32
     return _Config(
-        fps_n=fps_n, fps_d=fps_d, fps_chunks=chunks, residual_n=128,
+        fps_n=fps_n, fps_d=fps_d, fps_warps=max(4, fps_n // 8), fps_chunks=chunks,
+        fps_p=_pow2(triton.cdiv(n_max, fps_n), 16, 1024), residual_n=128,
         select_block=select_block, select_warps=max(4, select_block // 256),
         merge_n=64, merge_k=_pow2(k_max, 16, 64), merge_d=32, merge_warps=8 if fp32 else 4,
         merge_stages=2 if fp32 else 3, row_m=8, row_d=_pow2(D, 32, 256),
@@ -178,16 +187,15 @@ def run(
     pidx = torch.empty(2, nbt, dtype=torch.int32, device=dev)
     fps_mean_kernel[(S, triton.cdiv(D, cfg.fps_d), nc)](
         x, seg, means, *strides, D, nc,
-        OFF32=off32, BLOCK_N=cfg.fps_n, BLOCK_D=cfg.fps_d, num_warps=4,
+        OFF32=off32, BLOCK_N=cfg.fps_n, BLOCK_D=cfg.fps_d, num_warps=cfg.fps_warps,
     )  # fmt: skip
     ncp = triton.next_power_of_2(nc)
-    block_p = _pow2(int(triton.cdiv(n_max, cfg.fps_n)), 16, 1024)
     for step in range(m_max + 1):
         fps_step_kernel[(nbt,)](
             x, seg, blk, seg_blk, means, dist, sqnorm, dots, basis, pval, pidx,
             step, T, nbt, m_max, *strides, D, nc,
             FIRST=step == 0, OFF32=off32, NCP=ncp,
-            BLOCK_N=cfg.fps_n, BLOCK_D=cfg.fps_d, BLOCK_P=block_p, num_warps=4,
+            BLOCK_N=cfg.fps_n, BLOCK_D=cfg.fps_d, BLOCK_P=cfg.fps_p, num_warps=cfg.fps_warps,
         )  # fmt: skip
 
     # residual: only segments that keep more than their basis need errors.

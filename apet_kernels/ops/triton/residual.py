@@ -80,9 +80,10 @@ def residual_kernel(
     r_valid = r < m_s
     basis = tl.load(basis_ptr + s * M_MAX + r, mask=r_valid, other=0).to(tl.int32)
     pair = r_valid[:, None] & r_valid[None, :]
+    col = r.to(tl.int64) * T  # dots is (m_max, T): int64, m_max * T may pass 2**31
     # G[t, u] = v_{b_t} · v_{b_u} = dots[u, b_t]; symmetrized because the two halves come from
     # different FPS steps (as in the reference).
-    gram = tl.load(dots_ptr + r[None, :] * T + (tok0 + basis)[:, None], mask=pair, other=0.0)
+    gram = tl.load(dots_ptr + col[None, :] + (tok0 + basis)[:, None], mask=pair, other=0.0)
     gram = 0.5 * (gram + tl.trans(gram))
     trace = tl.sum(tl.sum(tl.where(r[:, None] == r[None, :], gram, 0.0), axis=1), axis=0)
     lam = ridge * trace / m_s.to(tl.float32) + FLT_MIN
@@ -92,7 +93,7 @@ def residual_kernel(
 
     i = local0 + tl.arange(0, BLOCK_N)
     i_mask = i < n_s
-    c = tl.load(dots_ptr + r[None, :] * T + (tok0 + i)[:, None],
+    c = tl.load(dots_ptr + col[None, :] + (tok0 + i)[:, None],
                 mask=i_mask[:, None] & r_valid[None, :], other=0.0)  # fmt: skip
     y = tl.zeros([BLOCK_N, MP], dtype=tl.float32)
     for j in tl.static_range(MP):  # forward: L y = c
