@@ -8,8 +8,9 @@
 //     early return, or in divergent code, deadlocks and aborts with a message);
 //   * warp collectives (__shfl_*_sync, __ballot_sync, __match_any_sync, __syncwarp) must be
 //     called by all 32 lanes with the full mask, in the same order;
-//   * the fiber order alternates direction every round, so reading shared memory that another
-//     thread writes without a barrier in between tends to give wrong results.
+//   * the fibers run in a new (seeded, so reproducible) random order every round, so reading
+//     memory that another thread of the block writes without a barrier in between tends to give
+//     wrong results.
 // What it cannot check: memory-model subtleties, warp-synchronous code without __syncwarp,
 // timing, and anything about real hardware. Passing here is not running on a GPU.
 #pragma once
@@ -19,6 +20,7 @@
 #include <cuda_runtime_api.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -26,6 +28,8 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <tuple>
 #include <vector>
 
@@ -58,7 +62,9 @@ struct Fiber {
 };
 
 struct Warp {
-  uint64_t slots[32];
+  // Collectives alternate between two slot sets: a lane can only be one collective ahead of the
+  // slowest reader (the next barrier needs everyone), so one barrier per collective suffices.
+  uint64_t slots[2][32];
   int arrived = 0;
   uint64_t generation = 0;
 };
@@ -128,19 +134,17 @@ inline void warp_barrier(unsigned mask) {
   ++block->progress;
 }
 
-// Publishes this lane's value, waits for the warp, lets `read` look at all 32 values, and waits
-// again so that no lane overwrites its slot while another still reads.
+// Publishes this lane's value, waits for the whole warp, then lets `read` see all 32 values.
 template <typename R, typename V, typename F>
 R warp_collective(unsigned mask, V value, F read) {
   static_assert(sizeof(V) <= 8, "slot size");
   Warp& w = my_warp();
   uint64_t bits = 0;
   std::memcpy(&bits, &value, sizeof(V));
-  w.slots[my_lane()] = bits;
+  const uint64_t* slots = w.slots[w.generation % 2];
+  w.slots[w.generation % 2][my_lane()] = bits;
   warp_barrier(mask);
-  const R result = read(w.slots, my_lane());
-  warp_barrier(mask);
-  return result;
+  return read(slots, my_lane());
 }
 
 template <typename V>
@@ -167,11 +171,15 @@ inline void run_block(unsigned threads, const std::function<void()>& body) {
     makecontext(&f.context, fiber_entry, 0);
   }
   block = &b;
-  for (bool forward = true;; forward = !forward) {
+  std::vector<unsigned> order(threads);
+  std::iota(order.begin(), order.end(), 0u);
+  static std::mt19937 shuffle_rng(20260223);  // fixed seed: runs are reproducible
+  for (;;) {
+    std::shuffle(order.begin(), order.end(), shuffle_rng);
     bool alive = false;
     const uint64_t before = b.progress;
-    for (unsigned k = 0; k < threads; ++k) {
-      Fiber& f = b.fibers[forward ? k : threads - 1 - k];
+    for (const unsigned k : order) {
+      Fiber& f = b.fibers[k];
       if (f.done) continue;
       alive = true;
       b.current = &f;

@@ -1,0 +1,393 @@
+"""The CUDA C++ backend (csrc/, apet_kernels/ops/cuda.py).
+
+Three layers, so that a machine without a GPU still checks most of it:
+
+* compile: the torch-free kernel sources build with ``nvcc -c`` for sm_80 and sm_90 (needs nvcc,
+  no GPU);
+* emulated: the same kernel code, compiled by the host compiler against csrc/emu/cuda_emu.h (a
+  fiber emulator of blocks, barriers and warp collectives), runs on CPU against the float64
+  oracle. This checks the algorithm, indexing and barrier discipline, not real hardware;
+* device: the built extension on a GPU, against the oracle (skipped, with the reason, when the
+  backend is unavailable).
+Plus CPU checks of availability reporting and of setup.py's build switch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import apet_kernels
+from apet_kernels.ops import cuda as cuda_backend
+from apet_kernels.ops import reference
+
+ROOT = Path(__file__).resolve().parents[2]
+CSRC = ROOT / "csrc"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The output is one rounding of an fp32 mean to the output dtype.
+VALUE_TOL = {
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+}
+
+
+def gaussian(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def oracle_varlen(x, seqlens, keeps, num_basis=10, ridge=1e-4, merge=True):
+    return reference.compress_varlen(x.double(), seqlens, keeps, num_basis, ridge, merge)
+
+
+def oracle_dense(x, keep, num_basis=10, ridge=1e-4, merge=True):
+    return reference.compress_dense(x.double(), keep, num_basis, ridge, merge)
+
+
+def assert_matches(got, want, dtype):
+    """Indices identical, values within the dtype's tolerance of the float64 oracle."""
+    out, kept, assign = (t.cpu() for t in got)
+    assert out.dtype == dtype and kept.dtype == torch.int64 and assign.dtype == torch.int64
+    assert torch.equal(kept, want[1]), (kept.tolist(), want[1].tolist())
+    assert torch.equal(assign, want[2])
+    torch.testing.assert_close(out.double(), want[0], **VALUE_TOL[dtype])
+
+
+def assert_valid_indices(kept, assign, seqlens, keeps):
+    """SPEC.md NaN policy (varlen, global ids): per segment, kept unique, ascending and inside the
+    segment; assign inside the segment's output rows (or -1)."""
+    kept, assign = kept.cpu(), assign.cpu()
+    tok = out = 0
+    for n, k in zip(seqlens, keeps, strict=True):
+        seg_kept = kept[out : out + k]
+        assert torch.all(seg_kept[1:] > seg_kept[:-1])
+        assert torch.all((seg_kept >= tok) & (seg_kept < tok + n))
+        seg_assign = assign[tok : tok + n]
+        assert torch.all((seg_assign == -1) | ((seg_assign >= out) & (seg_assign < out + k)))
+        tok, out = tok + n, out + k
+
+
+# --------------------------------------------------------------------------------------------
+# compile: nvcc -c for sm_80 and sm_90
+# --------------------------------------------------------------------------------------------
+
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
+NVCC_FLAGS = [
+    "-std=c++17",
+    "-O3",
+    "--Werror",
+    "all-warnings",
+    f"-I{CSRC}",
+]
+SM80 = ["-gencode", "arch=compute_80,code=sm_80"]
+SM90 = ["-gencode", "arch=compute_90,code=sm_90"]
+
+
+@needs_nvcc
+def test_kernels_compile_with_nvcc_for_sm80_and_sm90(tmp_path):
+    """compile_check.cu instantiates every kernel template for half, bfloat16 and float, for both
+    archs in one nvcc call; apet_kernels.cu is the device code the extension links. The two calls
+    run in parallel (10-20 s on 2 busy cores)."""
+
+    def compile_one(source: str, archs: list[str]) -> subprocess.CompletedProcess:
+        out = tmp_path / (Path(source).stem + ".o")
+        cmd = [NVCC, *NVCC_FLAGS, *archs, "-c", str(CSRC / source), "-o", str(out)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    # compile_check.cu already instantiates everything apet_kernels.cu does, for both archs;
+    # apet_kernels.cu only adds the dtype switch, so one arch is enough for it.
+    sources = {"compile_check.cu": SM80 + SM90, "apet_kernels.cu": SM90}
+    with ThreadPoolExecutor(len(sources)) as pool:
+        results = list(pool.map(compile_one, sources, sources.values()))
+    for source, result in zip(sources, results, strict=True):
+        assert result.returncode == 0, f"{source}:\n{result.stdout}\n{result.stderr}"
+        assert (tmp_path / (Path(source).stem + ".o")).stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------
+# emulated: the kernels on CPU fibers (csrc/emu)
+# --------------------------------------------------------------------------------------------
+
+DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+
+def _cuda_include() -> Path | None:
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if NVCC is not None:
+        roots.append(str(Path(NVCC).resolve().parent.parent))
+    for root in filter(None, roots):
+        if (Path(root) / "include" / "cuda_fp16.h").is_file():
+            return Path(root) / "include"
+    return None
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory) -> Path:
+    """csrc/emu/emu_main.cpp built with the host compiler (about 5 s)."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    include = _cuda_include()
+    if cxx is None or include is None:
+        pytest.skip("the emulator needs a C++17 compiler and the CUDA headers (cuda_fp16.h)")
+    exe = tmp_path_factory.mktemp("emu") / "apet_emu"
+    cmd = [cxx, "-std=c++17", "-O1", f"-I{include}", str(CSRC / "emu" / "emu_main.cpp"), "-o"]
+    result = subprocess.run([*cmd, str(exe)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return exe
+
+
+def emulate(exe, x, seqlens, keeps, num_basis=10, ridge=1e-4, merge=True, global_ids=True):
+    """Runs the pipeline on x (T, D) under the emulator; returns (out, kept, assign) like the
+    varlen op (global_ids) or flattened dense outputs (local ids)."""
+    T, D = x.shape
+    S = len(seqlens)
+    header = struct.pack(
+        "<7qd", DTYPE_CODES[x.dtype], S, T, D, num_basis, int(merge), int(global_ids), ridge
+    )
+    path_in, path_out = Path(exe).with_suffix(".in"), Path(exe).with_suffix(".out")
+    path_in.write_bytes(
+        header
+        + struct.pack(f"<{2 * S}q", *seqlens, *keeps)
+        + x.contiguous().view(torch.uint8).numpy().tobytes()
+    )
+    result = subprocess.run([str(exe), str(path_in), str(path_out)], capture_output=True, text=True)
+    assert result.returncode == 0, f"emulator exit {result.returncode}: {result.stderr}"
+    raw = bytearray(path_out.read_bytes())
+    K, size = sum(keeps), x.element_size()
+    out = torch.frombuffer(raw, dtype=x.dtype, count=K * D).view(K, D)
+    kept = torch.frombuffer(raw, dtype=torch.int64, count=K, offset=K * D * size)
+    assign = torch.frombuffer(raw, dtype=torch.int64, count=T, offset=K * D * size + 8 * K)
+    return out.clone(), kept.clone(), assign.clone()
+
+
+def test_emulated_varlen_with_empty_segments(emulator):
+    seqlens, keeps = [40, 0, 7, 70, 0, 1], [12, 0, 7, 5, 0, 1]
+    x = gaussian(sum(seqlens), 24, seed=1)
+    got = emulate(emulator, x, seqlens, keeps, num_basis=4)
+    assert_matches(got, oracle_varlen(x, seqlens, keeps, num_basis=4), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_dense_layout(emulator, dtype):
+    # 130 tokens keep 70: two kept-column tiles and a partial dropped-row tile in merge;
+    # D = 17 is not a multiple of the 16-wide depth tile.
+    S, N, D, K = 2, 130, 17, 70
+    x = gaussian(S, N, D, seed=2, dtype=dtype)
+    out, kept, assign = emulate(emulator, x.view(S * N, D), [N] * S, [K] * S, global_ids=False)
+    got = (out.view(S, K, D), kept.view(S, K), assign.view(S, N))
+    assert_matches(got, oracle_dense(x, K), dtype)
+
+
+@pytest.mark.parametrize(
+    ("name", "n", "k", "num_basis", "merge", "ridge"),
+    [
+        ("keep_all", 33, 33, 10, True, 1e-4),
+        ("keep_le_basis", 50, 7, 10, True, 1e-4),
+        ("keep_one", 50, 1, 10, True, 1e-4),
+        ("single_token", 1, 1, 10, True, 1e-4),
+        ("no_merge", 90, 20, 10, False, 1e-4),
+        ("ridge_zero", 90, 30, 10, True, 0.0),
+        ("one_basis", 90, 30, 1, True, 1e-4),
+    ],
+)
+def test_emulated_edge_cases(emulator, name, n, k, num_basis, merge, ridge):
+    x = gaussian(2 * n, 20, seed=3, dtype=torch.float16)
+    args = ([n, n], [k, k], num_basis, ridge, merge)
+    got = emulate(emulator, x, *args)
+    assert_matches(got, oracle_varlen(x, *args), torch.float16)
+    if k == n:  # SPEC.md: out equals x bitwise
+        assert torch.equal(got[0], x)
+
+
+def test_emulated_nan_inf_and_degenerate_inputs(emulator):
+    nan = gaussian(60, 16, seed=4)
+    nan[3, 2], nan[40] = float("nan"), float("inf")
+    seqlens, keeps = [60, 40, 50, 30], [15, 10, 12, 6]
+    x = torch.cat(
+        [
+            nan,
+            torch.full((40, 16), float("nan")),
+            torch.zeros(50, 16),  # all-zero tokens
+            gaussian(5, 16, seed=5).repeat(6, 1),  # duplicates: rank-deficient basis
+        ]
+    )
+    out, kept, assign = emulate(emulator, x, seqlens, keeps)
+    assert_valid_indices(kept, assign, seqlens, keeps)
+    assert torch.isfinite(out[25:]).all()  # the all-zero and duplicate segments stay finite
+
+
+@pytest.mark.slow
+def test_emulated_long_segment_and_many_basis(emulator):
+    # 700 tokens: several FPS chunks, select scans past one 512-thread block, 9 dropped-row tiles.
+    seqlens, keeps = [700, 120], [140, 80]
+    x = gaussian(sum(seqlens), 48, seed=6, dtype=torch.bfloat16)
+    assert_matches(
+        emulate(emulator, x, seqlens, keeps), oracle_varlen(x, seqlens, keeps), torch.bfloat16
+    )
+    got = emulate(emulator, x[700:], [120], [80], num_basis=40)
+    assert_matches(got, oracle_varlen(x[700:], [120], [80], num_basis=40), torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# device: the built extension on a GPU
+# --------------------------------------------------------------------------------------------
+
+
+def _device_reason() -> str | None:
+    probe = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16)
+    return cuda_backend.unavailable_reason(probe)
+
+
+@pytest.fixture
+def gpu():
+    reason = _device_reason()
+    if reason is not None:
+        pytest.skip(f"cuda backend unavailable: {reason}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("S", "N", "D", "K", "M"), [(2, 577, 64, 144, 10), (3, 729, 40, 96, 16)])
+def test_device_dense_matches_oracle(gpu, dtype, S, N, D, K, M):
+    x = gaussian(S, N, D, seed=7, dtype=dtype)
+    got = cuda_backend.compress_dense(x.cuda(), K, M, 1e-4, True)
+    assert_matches(got, oracle_dense(x, K, num_basis=M), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_device_varlen_matches_oracle(gpu, dtype):
+    seqlens, keeps = [577, 0, 1, 64, 300, 0, 33], [144, 0, 1, 64, 7, 0, 20]
+    x = gaussian(sum(seqlens), 48, seed=8, dtype=dtype)
+    got = cuda_backend.compress_varlen(x.cuda(), seqlens, keeps, 10, 1e-4, True)
+    assert_matches(got, oracle_varlen(x, seqlens, keeps), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("N", "K", "M", "merge"),
+    [
+        (57, 57, 10, True),
+        (57, 5, 10, True),
+        (57, 1, 10, True),
+        (1, 1, 10, True),
+        (200, 50, 10, False),
+        (200, 120, 1, True),
+    ],
+)
+def test_device_edge_cases(gpu, N, K, M, merge):
+    x = gaussian(2, N, 32, seed=9, dtype=torch.float16)
+    got = cuda_backend.compress_dense(x.cuda(), K, M, 1e-4, merge)
+    assert_matches(got, oracle_dense(x, K, num_basis=M, merge=merge), torch.float16)
+    if K == N:
+        assert torch.equal(got[0].cpu(), x)
+
+
+@pytest.mark.gpu
+def test_device_noncontiguous_and_public_api(gpu):
+    x = gaussian(2, 300, 48, seed=10).cuda()[:, :, ::3]  # (2, 300, 16), strided features
+    assert not x.is_contiguous()
+    got = apet_kernels.compress(x, 60, backend="cuda")
+    assert_matches(tuple(got), oracle_dense(x.cpu(), 60), torch.float32)
+
+
+@pytest.mark.gpu
+def test_device_nan_safety(gpu):
+    seqlens, keeps = [60, 40], [15, 10]
+    x = gaussian(100, 16, seed=11)
+    x[3, 2], x[30], x[60:] = float("nan"), float("inf"), float("nan")
+    out, kept, assign = cuda_backend.compress_varlen(x.cuda(), seqlens, keeps, 10, 1e-4, True)
+    torch.cuda.synchronize()
+    assert_valid_indices(kept, assign, seqlens, keeps)
+
+
+@pytest.mark.gpu
+def test_device_deterministic(gpu):
+    x = gaussian(4, 577, 256, seed=12, dtype=torch.bfloat16).cuda()
+    first = cuda_backend.compress_dense(x, 64, 10, 1e-4, True)
+    for _ in range(3):
+        again = cuda_backend.compress_dense(x, 64, 10, 1e-4, True)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+@pytest.mark.gpu
+def test_device_dense_cuda_graph_capture(gpu):
+    """Dense calls launch only on the current stream and never sync, so they capture."""
+    x = gaussian(2, 200, 32, seed=13).cuda()
+    eager = cuda_backend.compress_dense(x, 50, 10, 1e-4, True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the graph
+        cuda_backend.compress_dense(x, 50, 10, 1e-4, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = cuda_backend.compress_dense(x, 50, 10, 1e-4, True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(eager, captured, strict=True))
+
+
+# --------------------------------------------------------------------------------------------
+# CPU: availability reporting and the build switch
+# --------------------------------------------------------------------------------------------
+
+
+def test_unavailable_on_cpu_tensor_says_why():
+    reason = cuda_backend.unavailable_reason(torch.zeros(2, 3, 4))
+    assert reason is not None and "cpu" in reason and "CUDA tensors" in reason
+
+
+def test_float64_is_unavailable_with_a_pointer_to_torch():
+    reason = cuda_backend.unavailable_reason(torch.zeros(2, 3, 4, dtype=torch.float64))
+    assert reason is not None and "float64" in reason and "torch" in reason
+
+
+def test_explicit_cuda_backend_on_cpu_raises_naming_it():
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on this input: .*cpu"):
+        apet_kernels.compress(torch.zeros(1, 8, 4), 2, backend="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason given without a GPU")
+def test_cuda_probe_without_gpu_gives_a_reason():
+    assert _device_reason() in (
+        f"torch {torch.__version__} is built without CUDA",
+        "no CUDA device is available",
+        "the cuda backend does not support ROCm builds of torch",
+    )
+
+
+def test_gencode_flags():
+    assert cuda_backend.gencode_flags("8.0;9.0a, 9.0+PTX") == [
+        "-gencode", "arch=compute_80,code=sm_80",
+        "-gencode", "arch=compute_90a,code=sm_90a",
+        "-gencode", "arch=compute_90,code=sm_90",
+        "-gencode", "arch=compute_90,code=compute_90",
+    ]  # fmt: skip
+
+
+def _setup_py(mode: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "APET_BUILD_CUDA": mode}
+    cmd = [sys.executable, str(ROOT / "setup.py"), "--version"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_setup_py_build_switch():
+    assert _setup_py("0").stdout.strip().endswith("0.1.0")
+    bad = _setup_py("maybe")
+    assert bad.returncode != 0 and "APET_BUILD_CUDA must be auto, 0 or 1" in bad.stderr
+    if torch.version.cuda is None:  # a CPU torch: auto skips quietly, 1 fails loudly
+        auto = _setup_py("auto")
+        assert auto.returncode == 0 and "skipping the CUDA extension" in auto.stderr
+        forced = _setup_py("1")
+        assert forced.returncode != 0 and "cannot be built" in forced.stderr
