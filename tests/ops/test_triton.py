@@ -108,6 +108,41 @@ def test_varlen_matches_oracle(dtype):
     assert_matches(triton_varlen(x, seqlens, keeps), want, dtype)
 
 
+@pytest.fixture
+def gpu_blocks(monkeypatch):
+    """The block sizes the launcher picks on an H100 (132 SMs), run by the interpreter."""
+    from apet_kernels.ops.triton import launcher
+
+    def gpu(x, *args):
+        return launcher._gpu_config(x.dtype, x.shape[-1], *args, sms=132)
+
+    monkeypatch.setattr(launcher, "_config", gpu)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_blocks_match_oracle(gpu_blocks, dtype):
+    x = gaussian(2, 97, 70, seed=17, dtype=dtype)
+    want = reference.compress_dense(x.double(), 30, 10, 1e-4, True)
+    assert_matches(triton_dense(x, 30), want, dtype)
+
+
+@pytest.mark.parametrize(
+    "n_max,k_max,segments,total", [(1, 1, 1, 1), (576, 64, 1, 576), (65536, 9000, 1, 65536),
+                                   (729, 200, 4000, 2_916_000), (300, 300, 3, 900)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_config_is_valid(n_max, k_max, segments, total, dtype):
+    from apet_kernels.ops.triton import launcher
+
+    cfg = launcher._gpu_config(dtype, 8192, n_max, k_max, segments, total, 132)
+    blocks = {k: v for k, v in dataclasses.asdict(cfg).items() if not k.endswith(("s", "chunks"))}
+    assert all(v >= 1 and v & (v - 1) == 0 for v in blocks.values()), blocks  # powers of two
+    assert min(cfg.merge_n, cfg.merge_k, cfg.merge_d) >= 16  # tl.dot's minimum block
+    assert triton.cdiv(n_max, cfg.fps_n) <= max(256, triton.cdiv(n_max, 128))
+    assert 1 <= cfg.fps_chunks <= 16 and cfg.fps_n * cfg.fps_d // (32 * cfg.fps_warps) <= 16
+
+
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_small_blocks_match_oracle(small_blocks, dtype):

@@ -15,6 +15,7 @@ tiles) and a 64x64x64 fp16 GEMM tile; they are not yet tuned on hardware.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -56,18 +57,27 @@ class _Config:
 
 
 def _config(x: torch.Tensor, n_max: int, k_max: int, num_segments: int, total: int) -> _Config:
+    """Block sizes for this call: GPU tiles on CUDA, large tiles under the interpreter."""
     D = x.shape[-1]
-    if x.device.type != "cuda":  # interpreter: few programs, big numpy tiles
-        fps_n = _pow2(n_max, 16, 1024)
-        return _Config(
-            fps_n=fps_n, fps_d=_pow2(D, 16, max(16, 2**18 // fps_n)), fps_warps=4, fps_chunks=1,
-            fps_p=_pow2(triton.cdiv(n_max, fps_n), 16, 1024),
-            residual_n=_pow2(n_max, 16, 1024), select_block=_pow2(n_max, 16, 8192),
-            select_warps=4, merge_n=_pow2(n_max, 16, 256), merge_k=_pow2(k_max, 16, 256),
-            merge_d=_pow2(D, 16, 256), merge_warps=4, merge_stages=1,
-            row_m=32, row_d=_pow2(D, 16, 1024),
-        )  # fmt: skip
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    if x.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        return _gpu_config(x.dtype, D, n_max, k_max, num_segments, total, sms)
+    # Interpreter: its cost grows with programs x block ops, so few programs and big tiles.
+    fps_n = _pow2(n_max, 16, 1024)
+    return _Config(
+        fps_n=fps_n, fps_d=_pow2(D, 16, max(16, 2**18 // fps_n)), fps_warps=4, fps_chunks=1,
+        fps_p=_pow2(triton.cdiv(n_max, fps_n), 16, 1024),
+        residual_n=_pow2(n_max, 16, 1024), select_block=_pow2(n_max, 16, 8192),
+        select_warps=4, merge_n=_pow2(n_max, 16, 256), merge_k=_pow2(k_max, 16, 256),
+        merge_d=_pow2(D, 16, 256), merge_warps=4, merge_stages=1,
+        row_m=32, row_d=_pow2(D, 16, 1024),
+    )  # fmt: skip
+
+
+def _gpu_config(
+    dtype: torch.dtype, D: int, n_max: int, k_max: int, num_segments: int, total: int, sms: int
+) -> _Config:
+    """GPU block sizes (a pure function of the shapes, so tests can run them interpreted)."""
     # FPS tiles of fps_n x 64 with at most 16 elements per thread: 128 registers (ptxas, sm_90;
     # 32x128 on 4 warps needs ~250). Small problems take 16-token blocks so one image still
     # spreads over the SMs; long segments take up to 128-token blocks so that no segment has
@@ -81,7 +91,7 @@ def _config(x: torch.Tensor, n_max: int, k_max: int, num_segments: int, total: i
     select_block = _pow2(n_max, 256, 4096)
     # 64x64x32 GEMM tiles without spills (ptxas, sm_90): fp16/bf16 4 warps 3 stages (176 regs),
     # fp32 (IEEE dot) 8 warps 2 stages (189 regs); the gathered kept rows rule out TMA.
-    fp32 = x.dtype == torch.float32
+    fp32 = dtype == torch.float32
     return _Config(
         fps_n=fps_n, fps_d=fps_d, fps_warps=max(4, fps_n // 8), fps_chunks=chunks,
         fps_p=_pow2(triton.cdiv(n_max, fps_n), 16, 1024), residual_n=128,
@@ -152,6 +162,21 @@ def run(
         global rows); assign ``(T,)`` int64 (dense: local slots, varlen: global rows; -1 for
         dropped tokens when not merging).
     """
+    # Triton launches on the current CUDA device: make it x's device.
+    guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        return _run(x, seqlens, keeps, num_basis, ridge, merge, dense)
+
+
+def _run(
+    x: torch.Tensor,
+    seqlens: list[int],
+    keeps: list[int],
+    num_basis: int,
+    ridge: float,
+    merge: bool,
+    dense: bool,
+) -> Outputs:
     D = x.shape[-1]
     dev = x.device
     S, T, R = len(seqlens), sum(seqlens), sum(keeps)
