@@ -105,7 +105,7 @@ def _empty_row(shape: shapes_mod.Shape, provider: str, cfg: MicroConfig) -> dict
     return row
 
 
-def _make_input(shape: shapes_mod.Shape, cfg: MicroConfig) -> torch.Tensor:
+def make_input(shape: shapes_mod.Shape, cfg: MicroConfig) -> torch.Tensor:
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     x = torch.randn(
         shape.segments,
@@ -236,7 +236,7 @@ def measure_shape(
 ) -> list[dict]:
     """Every provider on one shape: the torch provider first (its kept indices are the
     cross-check), then all runnable providers timed in interleaved rounds."""
-    x = _make_input(shape, cfg)
+    x = make_input(shape, cfg)
     ordered = sorted(provider_list, key=lambda p: p.name != "torch")
     rows, runnable, reference_kept, seeds = [], [], None, {}
     for provider in ordered:
