@@ -72,16 +72,22 @@ def test_keep_all_matches_unpatched(name, attn, patched):
     with torch.no_grad():
         torch.testing.assert_close(model(**single, labels=labels).loss, ref_loss)
     assert torch.equal(model.generate(**single, **GEN), ref_gen)
+    assert last_selection(model) is not None  # generate went through the shim
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", MODELS)
-def test_generate_cache_matches_no_cache(name, patched):
-    model, make = built(name)
+def test_generate_cache_matches_no_cache(name, attn, patched):
+    model, make = built(name, attn)
     patched(model, **BUDGETS[name])
     inputs = make(PROMPTS[name], pad="left")
-    cached = model.generate(**inputs, **GEN)
+    cached = model.generate(**inputs, return_dict_in_generate=True, **GEN)
     uncached = model.generate(**inputs, use_cache=False, **GEN)
-    assert torch.equal(cached, uncached)
+    assert torch.equal(cached.sequences, uncached)
+    # The cache really is compressed: L1 + g entries before the stage-2 layer, fewer after it.
+    cache, fed_back = cached.past_key_values, GEN["max_new_tokens"] - 1
+    assert cache.get_seq_length(0) - fed_back < inputs["input_ids"].shape[1]
+    assert cache.get_seq_length(NUM_LAYERS - 1) < cache.get_seq_length(0)
 
 
 @pytest.mark.parametrize("positions", ["original", "compact"])
@@ -98,7 +104,7 @@ def test_llava_positions_modes_decode_consistently(positions, patched):
 def test_batch_matches_rows_alone(name, patched):
     model, make = built(name)
     patched(model, **BUDGETS[name])
-    prompts = PROMPTS[name]
+    prompts = [*PROMPTS[name], [6]]  # the text-only row has no unit to compress
     batch_gen = model.generate(**make(prompts, pad="left"), **GEN)
     for b, prompt in enumerate(prompts):
         alone = model.generate(**make([prompt]), **GEN)
@@ -205,3 +211,37 @@ def test_selection_record(name, patched):
                 u.info.token_index if u.info.token_index is not None else torch.arange(u.num_tokens)
             )
             assert len(cells) == u.num_tokens and int(cells.max()) < h * w
+
+
+@pytest.mark.parametrize(
+    "name, positions", [("llava", "original"), ("llava", "compact"), ("qwen2_5_vl", "original")]
+)
+def test_decode_positions_continue(name, positions, patched):
+    """Decode positions continue from the prompt's next position: the uncompressed maximum + 1
+    ("original"; M-RoPE's on Qwen2.5-VL) or the compressed length ("compact")."""
+    model, make = built(name)
+    patched(model, positions=positions, **BUDGETS[name])
+    inputs = make(PROMPTS[name][1:])
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["position_ids"]), with_kwargs=True
+    )
+    try:
+        model.generate(**inputs, **dict(GEN, max_new_tokens=3))
+    finally:
+        hook.remove()
+    prompt_pos, steps = seen[0], seen[1:]
+    assert prompt_pos.shape[-1] < inputs["input_ids"].shape[1]  # generate's prefill compressed
+    if positions == "original":
+        ids = inputs["input_ids"]
+        if name == "qwen2_5_vl":
+            kw = {k: inputs.get(k) for k in ("image_grid_thw", "video_grid_thw")}
+            full, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], **kw)
+            start = int(full.max()) + 1
+        else:
+            start = ids.shape[1]
+    else:
+        start = prompt_pos.shape[-1]
+    assert int(prompt_pos.max()) < start
+    for t, pos in enumerate(steps):
+        assert pos.shape[-1] == 1 and torch.all(pos == start + t), (t, pos)

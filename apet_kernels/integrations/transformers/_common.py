@@ -387,6 +387,11 @@ def _as_kwargs(fn: Callable, args: tuple, kwargs: dict) -> dict:
 def patched_forward(patch: Patch, args: tuple, kwargs: dict):
     """Route one forward call: compressing prefill, decode on a compressed cache, or untouched."""
     kw = _as_kwargs(patch.orig_forward, args, kwargs)
+    if kw.get("mm_encoder_outputs"):
+        raise NotImplementedError(
+            "apet compresses from pixel values (stage 1 runs before the projector); precomputed "
+            "mm_encoder_outputs are not supported"
+        )
     cache = kw.get("past_key_values")
     if patch.shim.has_visual(kw):
         if cache is not None and cache.get_seq_length() > 0:

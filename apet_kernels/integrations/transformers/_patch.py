@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 
 import transformers
@@ -136,6 +137,13 @@ def apply_apet(model, config: ApetConfig | str | None = None, **overrides):
     def forward(*args, **kwargs):
         return patched_forward(patch, args, kwargs)
 
+    # generate (transformers >= 5.23) runs the vision encoder *and projector* ahead of the
+    # forward when the forward takes `mm_encoder_outputs`; stage 1 must see the features before
+    # the projector, so the patched forward does not advertise it and gets pixel values instead.
+    sig = inspect.signature(patch.orig_forward)
+    forward.__signature__ = sig.replace(
+        parameters=[p for name, p in sig.parameters.items() if name != "mm_encoder_outputs"]
+    )
     if config.layer is not None:
         layers = shim.language_model(model).layers
         for i in range(config.layer, len(layers)):

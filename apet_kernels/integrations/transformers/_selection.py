@@ -61,8 +61,13 @@ class UnitSelection:
 
 @dataclass(frozen=True)
 class Selection:
-    """The selections of one compressing forward: ``units`` in packed order (items in input order,
-    units of an item in order). ``layer`` is the stage-2 layer (None if stage 2 was off)."""
+    """The selections of one compressing forward.
+
+    Attributes:
+        units: one :class:`UnitSelection` per unit, in packed order: all images (in input order,
+            batch row after batch row), then all videos; the units of an item in order.
+        layer: the stage-2 layer, None if stage 2 was off.
+    """
 
     units: list[UnitSelection]
     layer: int | None
