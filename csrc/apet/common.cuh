@@ -31,6 +31,11 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kFltMin = 1.17549435e-38f;
 constexpr float kCosEps = 1e-12f;
 
+// Token state, one byte per token: zeroed, then written by fps (basis) and select (selected).
+constexpr uint8_t kDropped = 0;
+constexpr uint8_t kBasis = 1;
+constexpr uint8_t kSelected = 2;
+
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------------------------------------

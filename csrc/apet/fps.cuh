@@ -115,12 +115,13 @@ __global__ void fps_init_kernel(const T* __restrict__ x, int64_t dim, Segments s
 // exact zeros), fold it into dist, and emit the chunk argmax for pick t+1 (if any).
 // Grid: S * chunks blocks of 256 threads.
 // dots: (m_max, T) float32 (token-minor, so per-token loops in `residual` are coalesced);
-// basis: (S, m_max) int32 local indices in pick order; state: (T,) uint8, 1 marks basis tokens.
+// basis: (S, m_max) int32 local indices in pick order; state: (T,) uint8, kBasis at basis tokens.
 template <typename T>
 __global__ void fps_step_kernel(const T* __restrict__ x, int64_t dim, Segments seg, int64_t chunks,
                                 int t, int64_t total_tokens, int max_basis,
                                 float* __restrict__ dist, float* __restrict__ dots,
-                                const float* __restrict__ in_value, const int* __restrict__ in_index,
+                                const float* __restrict__ in_value,
+                                const int* __restrict__ in_index,
                                 float* __restrict__ out_value, int* __restrict__ out_index,
                                 int* __restrict__ basis, uint8_t* __restrict__ state) {
   __shared__ int pick_shared;
@@ -149,7 +150,7 @@ __global__ void fps_step_kernel(const T* __restrict__ x, int64_t dim, Segments s
   const int pick = pick_shared < n ? pick_shared : 0;
   if (threadIdx.x == 0) {
     if (chunk == 0) basis[s * max_basis + t] = pick;
-    if (pick >= begin && pick < end) state[tok0 + pick] = 1;
+    if (pick >= begin && pick < end) state[tok0 + pick] = kBasis;
   }
 
   const T* b = x + (tok0 + pick) * dim;

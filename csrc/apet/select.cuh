@@ -14,11 +14,6 @@ namespace apet {
 
 constexpr int kSelectThreads = 512;
 
-// Token state, one byte per token: written by fps (basis) and select (selected).
-constexpr uint8_t kDropped = 0;
-constexpr uint8_t kBasis = 1;
-constexpr uint8_t kSelected = 2;
-
 // Marks the `extra` highest-scoring non-basis tokens of a segment as kSelected.
 // score(i) = err2 with NaN as +inf; ties at the threshold resolved to the lowest indices.
 __device__ __forceinline__ void select_top_errors(const float* __restrict__ err2,
