@@ -168,16 +168,18 @@ __global__ void fps_step_kernel(const T* __restrict__ x, int64_t dim, Segments s
     }
     dot = warp_sum(dot);
     d = warp_sum(d);
-    const float old = dist[tok0 + i];
-    float next;
-    if (i == pick || old == -INFINITY) next = -INFINITY;  // chosen: out of every later argmax
-    else if (t == 0) next = d;                            // replaces the distance to the mean
-    else if (isnan(old) || isnan(d)) next = NAN;          // torch.minimum propagates NaN
-    else next = fminf(old, d);
+    // Lane 0 owns this token's dist (one reader-writer, no intra-warp race) and broadcasts it.
+    float next = 0.f;
     if (lane == 0) {
+      const float old = dist[tok0 + i];
+      if (i == pick || old == -INFINITY) next = -INFINITY;  // chosen: out of every later argmax
+      else if (t == 0) next = d;                            // replaces the distance to the mean
+      else if (isnan(old) || isnan(d)) next = NAN;          // torch.minimum propagates NaN
+      else next = fminf(old, d);
       dots[t * total_tokens + tok0 + i] = dot;
       dist[tok0 + i] = next;
     }
+    next = __shfl_sync(kFullMask, next, 0);
     if (!last && beats(fps_score(next), i, best)) best = {fps_score(next), i};
   }
   if (!last) block_argmax_store(best, out_value, out_index, s * chunks + chunk);

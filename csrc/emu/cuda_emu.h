@@ -225,6 +225,13 @@ V __shfl_xor_sync(unsigned mask, V value, int lane_mask) {
 }
 
 template <typename V>
+V __shfl_sync(unsigned mask, V value, int src_lane) {
+  return emu::warp_collective<V>(mask, value, [&](const uint64_t* slots, unsigned) {
+    return emu::from_slot<V>(slots[src_lane & 31]);
+  });
+}
+
+template <typename V>
 V __shfl_up_sync(unsigned mask, V value, unsigned delta) {
   return emu::warp_collective<V>(mask, value, [&](const uint64_t* slots, unsigned lane) {
     return emu::from_slot<V>(slots[lane >= delta ? lane - delta : lane]);
