@@ -77,6 +77,8 @@ class Shim:
     model_types: tuple[str, ...] = ()
     default_positions = "compact"
     pos_axes = 1
+    #: forward arguments whose presence means "this forward has visual inputs".
+    pixel_keys: tuple[str, ...] = ("pixel_values",)
     #: forward arguments consumed by the vision stage (not passed on after stage 1).
     visual_keys: tuple[str, ...] = ()
     #: the paper's setting for this model family, and named budget rows.
@@ -95,8 +97,6 @@ class Shim:
         """Whether this forward carries visual inputs to compress."""
         return any(kwargs.get(k) is not None and kwargs[k].numel() > 0 for k in self.pixel_keys)
 
-    pixel_keys: tuple[str, ...] = ("pixel_values",)
-
     def visual_input(self, model: nn.Module, kwargs: dict[str, Any]) -> VisualInput:
         """Run the vision encoder and describe the units and placeholders."""
         raise NotImplementedError
@@ -104,7 +104,11 @@ class Shim:
     def original_positions(
         self, model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, kwargs: dict
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Uncompressed positions ``(P, B, L0)`` and each row's next position ``(B,)``."""
+        """Uncompressed positions ``(P, B, L0)`` and each row's next position ``(B,)``.
+
+        ``model`` is the base model; ``mask (B, L0)`` is bool. The LLaVA family numbers the valid
+        tokens of a row 0, 1, ... (what generate does), so padding never shifts a row.
+        """
         return mask_positions(mask)[None], mask.sum(1)
 
     def position_kwarg(self, pos: torch.Tensor) -> torch.Tensor:
@@ -112,15 +116,14 @@ class Shim:
         return pos[0]
 
     def layer_position_ids(self, pos: torch.Tensor) -> torch.Tensor | None:
-        """``position_ids`` the decoder layers receive (used by flash-attention's varlen path)."""
+        """``position_ids`` the decoder layers receive. Only flash-attention reads them, to detect
+        packed sequences when there is no padding mask: it splits where the position equals the
+        row's minimum, which "original" positions (increasing, with gaps) never repeat."""
         return pos[0]
 
     def rotary(self, lm: nn.Module, hidden: torch.Tensor, pos: torch.Tensor):
         """``(cos, sin)`` of the decoder stack's rotary embedding at ``pos (P, B, L)``."""
         return lm.rotary_emb(hidden, self.position_kwarg(pos))
-
-    def make_vision(self, model: nn.Module) -> None:
-        """Hook for shims that need set-up at apply time (none by default)."""
 
 
 def tower_features(
@@ -235,9 +238,10 @@ def _stage1(
         merge=cfg.merge,
         backend=cfg.backend,
     )
-    device = input_ids.device
+    device = input_ids.device  # the vision tower may sit on another device (device_map)
+    kept, assign = c.kept.to(device), c.assign.to(device)
     is_kept = torch.zeros(vis.features.shape[0], dtype=torch.bool, device=device)
-    is_kept[c.kept] = True
+    is_kept[kept] = True
     keep = mask0.clone()
     kept_elements = []
     for ph in vis.placeholders:
@@ -255,14 +259,14 @@ def _stage1(
         kept_elements.append((ph, pos[el], layout[el]))
     lay = relayout(keep, left)
     embeds = patch.model.get_input_embeddings()(input_ids.gather(1, lay.index))
-    tokens = vis.project(c.tokens).to(embeds.dtype)
+    tokens = vis.project(c.tokens).to(embeds.device, embeds.dtype)
     total = tokens.shape[0]
     tok_row = torch.empty(total, dtype=torch.long, device=device)
     tok_col = torch.empty(total, dtype=torch.long, device=device)
     for ph, pos, layout in kept_elements:
         row, col = pos[:, 0], lay.newcol[pos[:, 0], pos[:, 1]]
         is_tok = layout >= 0
-        out_row = c.assign[layout.clamp(min=0)]
+        out_row = assign[layout.clamp(min=0)]
         values = tokens[out_row.clamp(min=0)]
         if ph.filler is not None:
             values = torch.where(is_tok[:, None], values, ph.filler.to(values))
@@ -271,7 +275,7 @@ def _stage1(
         tok_col[out_row[is_tok]] = col[is_tok]
     starts = torch.tensor([0, *keep1[:-1]], device=device).cumsum(0).clamp(max=max(total - 1, 0))
     unit_rows = torch.where(torch.tensor(keep1, device=device) > 0, tok_row[starts], -1)
-    raw = RawSelection(vis.infos, unit_rows, list(vis.seqlens), keep1, c.kept, c.assign)
+    raw = RawSelection(vis.infos, unit_rows, list(vis.seqlens), keep1, kept, assign)
     return lay, embeds, tok_row, tok_col, raw
 
 
