@@ -6,6 +6,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.apet-installed
+# The CUDA extension builds under "auto" only where nvcc and a CUDA torch exist (a failed build
+# only warns); `make setup APET_BUILD_CUDA=0` skips it, =1 makes a failed build an error.
+APET_BUILD_CUDA ?= auto
+export APET_BUILD_CUDA
 
 .PHONY: setup run test lint clean
 
