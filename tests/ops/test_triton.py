@@ -337,11 +337,15 @@ def _compile_all_for_sm90() -> None:
                 build(fps.fps_step_kernel, x_type, consts)
         fp32 = x_type == "fp32"
         for local in (True, False):
-            consts = dict(LOCAL=local, UPCAST=fp32, OFF32=local, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32)
-            build(merge.merge_assign_kernel, x_type, consts, num_warps=8 if fp32 else 4)
+            for block_n in (32, 64):
+                consts = dict(LOCAL=local, UPCAST=fp32, OFF32=local, BLOCK_N=block_n, BLOCK_K=64,
+                              BLOCK_D=32)  # fmt: skip
+                build(merge.merge_assign_kernel, x_type, consts, num_warps=8 if fp32 else 4)
             for do_merge in (True, False):
                 consts = dict(MERGE=do_merge, LOCAL=local, BLOCK_M=8, BLOCK_D=256)
                 build(merge.merge_mean_kernel, x_type, consts)
+    long_segments = dict(FIRST=False, OFF32=True, NCP=1, BLOCK_N=128, BLOCK_D=64, BLOCK_P=256)
+    build(fps.fps_step_kernel, "bf16", long_segments, num_warps=16)
     for mp in (2, 16):
         build(residual.residual_kernel, "fp32", dict(MP=mp, BLOCK_N=128))
         for local in (True, False):

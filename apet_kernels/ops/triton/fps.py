@@ -8,7 +8,7 @@ computes, per token, the new squared distance ``||v_i - b||^2`` *and* the dot pr
 ``v_i · b``. The dot products are ``c_i`` and ``G`` for the residual solve and step 0 also writes
 ``||v_i||^2``, so the residual stage never reads x again. The alternative, a single persistent
 program per segment looping over the steps, leaves the GPU idle for the common one-image call;
-the per-step launches keep every SM busy at the cost of ``m + 2`` launches.
+per-step launches spread one segment over many SMs, at the cost of ``m + 2`` launches.
 
 Buffers (fp32 unless noted; T = total tokens, NBT = token blocks, S = segments):
     ``dist (T,)``: running min distance; ``-inf`` marks a token already chosen (distances are

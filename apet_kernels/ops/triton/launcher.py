@@ -89,14 +89,16 @@ def _gpu_config(
     d_blocks = triton.cdiv(D, fps_d)
     chunks = max(1, min(16, (2 * sms) // max(1, num_segments * d_blocks), triton.cdiv(n_max, 64)))
     select_block = _pow2(n_max, 256, 4096)
-    # 64x64x32 GEMM tiles without spills (ptxas, sm_90): fp16/bf16 4 warps 3 stages (176 regs),
-    # fp32 (IEEE dot) 8 warps 2 stages (189 regs); the gathered kept rows rule out TMA.
+    # GEMM tiles without spills (ptxas, sm_90): fp16/bf16 64x64x32 on 4 warps, 3 stages (176
+    # registers), or 32x64x32 (112) when 64-token blocks would leave SMs idle (one image); fp32
+    # (IEEE dot) 64x64x32 on 8 warps, 2 stages (189). The gathered kept rows rule out TMA.
     fp32 = dtype == torch.float32
+    merge_n = 64 if fp32 or triton.cdiv(total, 64) >= sms else 32
     return _Config(
         fps_n=fps_n, fps_d=fps_d, fps_warps=max(4, fps_n // 8), fps_chunks=chunks,
         fps_p=_pow2(triton.cdiv(n_max, fps_n), 16, 1024), residual_n=128,
         select_block=select_block, select_warps=max(4, select_block // 256),
-        merge_n=64, merge_k=_pow2(k_max, 16, 64), merge_d=32, merge_warps=8 if fp32 else 4,
+        merge_n=merge_n, merge_k=_pow2(k_max, 16, 64), merge_d=32, merge_warps=8 if fp32 else 4,
         merge_stages=2 if fp32 else 3, row_m=8, row_d=_pow2(D, 32, 256),
     )  # fmt: skip
 
