@@ -137,6 +137,11 @@ def _block_tables(
     return blk.to(device), torch.stack([first, counts], dim=1).to(device)
 
 
+def _offsets_fit_int32(n_max: int, stride_n: int, D: int, stride_d: int) -> bool:
+    """Whether every element offset inside one segment fits int32 (the kernels' ``OFF32``)."""
+    return n_max * abs(stride_n) + D * abs(stride_d) < 2**31
+
+
 @functools.lru_cache(maxsize=64)
 def _row_ids(rows: int, device: torch.device) -> torch.Tensor:
     return torch.arange(rows + 1, device=device)
@@ -198,8 +203,7 @@ def _run(
     cfg = _config(x, n_max, k_max, S, T)
     seg = _segment_table(tuple(seqlens), tuple(keeps), num_basis, dev)
     strides = (n_div, stride_s, stride_n, stride_d)
-    # In-segment offsets fit int32 when the farthest element of the longest segment does.
-    off32 = (n_max * abs(stride_n) + D * abs(stride_d)) < 2**31
+    off32 = _offsets_fit_int32(n_max, stride_n, D, stride_d)
 
     # fps: means, then m_max + 1 step launches (the last one only finishes dot products).
     blk, seg_blk = _block_tables(tuple(seqlens), cfg.fps_n, dev)
