@@ -245,3 +245,10 @@ def test_decode_positions_continue(name, positions, patched):
     assert int(prompt_pos.max()) < start
     for t, pos in enumerate(steps):
         assert pos.shape[-1] == 1 and torch.all(pos == start + t), (t, pos)
+
+
+def test_static_cache_is_refused(patched):
+    model, make = built("llava")
+    patched(model, **BUDGETS["llava"])
+    with pytest.raises(NotImplementedError, match="DynamicCache"):
+        model.generate(**make(PROMPTS["llava"][:1]), cache_implementation="static", **GEN)

@@ -398,6 +398,12 @@ def patched_forward(patch: Patch, args: tuple, kwargs: dict):
         )
     cache = kw.get("past_key_values")
     if patch.shim.has_visual(kw):
+        if getattr(cache, "is_compileable", False):
+            # static caches index slots by one shared length; the groups' lengths differ
+            raise NotImplementedError(
+                f"apet supports DynamicCache only, got {type(cache).__name__} "
+                "(e.g. cache_implementation='static')"
+            )
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError(
                 "apet: visual inputs with a non-empty KV cache (continuing a conversation with new "
