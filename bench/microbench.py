@@ -70,16 +70,18 @@ class MicroConfig:
         device: where the inputs live.
         reps: timed calls per row (fewer when ``budget_s`` runs out, never under 3).
         warmup: untimed calls first.
-        budget_s: seconds per row after which timing stops early.
+        budget_s: seconds per shape after which timing stops early (at 3 samples each).
         stage_reps: timed runs of the per-stage pipeline (0: no stage timing).
+        slow_call_s: on CPU, a first call longer than this is the first sample (no warm-up).
         seed: input generator seed.
     """
 
     device: torch.device
     reps: int = 5
     warmup: int = 1
-    budget_s: float = 12.0
-    stage_reps: int = 3
+    budget_s: float = 8.0
+    stage_reps: int = 2
+    slow_call_s: float = 1.0
     seed: int = 0
     copy_gbs: float = field(default=0.0)
 
@@ -178,7 +180,7 @@ def _prepare(
     once (the first call doubles as a cross-check of its kept indices against the torch
     backend's) and warmed up.
 
-    On CPU a first call longer than half the row budget (the eager baseline on the big shapes:
+    On CPU a first call longer than ``cfg.slow_call_s`` (the eager baseline on the big shapes:
     seconds per call) is kept as the first sample instead of being followed by warm-up calls:
     its one-time costs are negligible next to the call, and the run must fit its time budget.
 
@@ -196,9 +198,7 @@ def _prepare(
         first_ms = timing.measure_once(
             lambda: result.append(provider.run(x, shape.keep)), cfg.device, None
         )
-        seeds = (
-            [first_ms] if cfg.device.type == "cpu" and first_ms * 1e-3 > cfg.budget_s / 2 else []
-        )
+        seeds = [first_ms] if cfg.device.type == "cpu" and first_ms * 1e-3 > cfg.slow_call_s else []
         for _ in range(0 if seeds else cfg.warmup):
             provider.run(x, shape.keep)
         timing.synchronize(cfg.device)
@@ -251,7 +251,7 @@ def measure_shape(
         p.name: (lambda p=p: timing.measure_once(lambda: p.run(x, shape.keep), cfg.device, flush))
         for p, _ in runnable
     }
-    budget = cfg.budget_s * max(1, len(calls))
+    budget = cfg.budget_s  # per shape: the slow baseline sets the pace, the others ride along
     timed = timing.interleave(calls, cfg.reps, budget, timing.method_name(cfg.device), seeds)
     for provider, row in runnable:
         _fill_timing(row, timed[provider.name])

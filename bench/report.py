@@ -148,6 +148,11 @@ def _e2e_table(rows: list[dict]) -> str:
 def _skips(rows: list[dict]) -> str:
     lines = []
     for r in rows:
+        if r.get("attn_note"):
+            lines.append(
+                f"- {r['arch']} / {r['variant']} {r['budget']} / B={r['batch']}: "
+                f"note: {r['attn_note']}"
+            )
         if r["status"] == "ok":
             continue
         where = (
@@ -220,9 +225,13 @@ def plot_latency_vs_budget(rows: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(archs), figsize=(4.5 * len(archs), 3.6), squeeze=False)
+    colours = {"apet": "C0", "vanilla": "C1", "fastv": "C2"}
     for ax, arch in zip(axes[0], archs, strict=True):
-        for batch in sorted({r["batch"] for r in rows if r["arch"] == arch}):
+        batches = sorted({r["batch"] for r in rows if r["arch"] == arch})
+        for batch in batches:
             sel = [r for r in rows if r["arch"] == arch and r["batch"] == batch]
+            # Filled markers: batch 1; hollow: the larger batch. Colour: the variant.
+            face = None if batch == batches[0] else "none"
             apet = sorted(
                 (r for r in sel if r["variant"] == "apet"),
                 key=lambda r: r["visual_tokens_last_layer"],
@@ -232,16 +241,23 @@ def plot_latency_vs_budget(rows: list[dict], path: Path) -> bool:
                     [r["visual_tokens_last_layer"] for r in apet],
                     [r["prefill_ms"] for r in apet],
                     "o-",
+                    color=colours["apet"],
+                    mfc=face,
                     label=f"ApET B={batch}",
                 )
             for r in sel:
                 if r["variant"] == "apet":
                     continue
                 marker = "s" if r["variant"] == "vanilla" else "^"
+                colour = (
+                    colours.get(r["variant"], "C3") if r["attn"] != "flash_attention_2" else "C4"
+                )
                 ax.plot(
                     [r["visual_tokens_last_layer"]],
                     [r["prefill_ms"]],
                     marker,
+                    color=colour,
+                    mfc=face,
                     label=f"{r['variant']} ({r['attn']}) B={batch}",
                 )
         ax.set_title(f"{arch} ({sel[0]['size']})")
