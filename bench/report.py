@@ -286,14 +286,15 @@ def plot_op_vs_tokens(rows: list[dict], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for provider in dict.fromkeys(r["provider"] for r in rows):
         sel = sorted((r for r in rows if r["provider"] == provider), key=lambda r: r["S"] * r["N"])
-        ax.plot([r["S"] * r["N"] for r in sel], [r["median_ms"] for r in sel], "o-", label=provider)
+        # Markers, not lines: neighbouring shapes differ in D and K as well as in S·N.
+        ax.plot([r["S"] * r["N"] for r in sel], [r["median_ms"] for r in sel], "o", label=provider)
     floor = {r["shape"]: r for r in rows if r["floor_ms"]}
     if floor:
         sel = sorted(floor.values(), key=lambda r: r["S"] * r["N"])
         ax.plot(
             [r["S"] * r["N"] for r in sel],
             [r["floor_ms"] for r in sel],
-            "k--",
+            "kx",
             label="memory floor (bytes / copy BW)",
         )
     for r in floor.values():
