@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from backend_checks import DTYPES, assert_matches, gaussian
 
 import apet_kernels
 from apet_kernels.ops import cuda as cuda_backend
@@ -32,18 +33,6 @@ from apet_kernels.ops import reference
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The output is one rounding of an fp32 mean to the output dtype.
-VALUE_TOL = {
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-}
-
-
-def gaussian(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
 
 
 def oracle_varlen(x, seqlens, keeps, num_basis=10, ridge=1e-4, merge=True):
@@ -52,15 +41,6 @@ def oracle_varlen(x, seqlens, keeps, num_basis=10, ridge=1e-4, merge=True):
 
 def oracle_dense(x, keep, num_basis=10, ridge=1e-4, merge=True):
     return reference.compress_dense(x.double(), keep, num_basis, ridge, merge)
-
-
-def assert_matches(got, want, dtype):
-    """Indices identical, values within the dtype's tolerance of the float64 oracle."""
-    out, kept, assign = (t.cpu() for t in got)
-    assert out.dtype == dtype and kept.dtype == torch.int64 and assign.dtype == torch.int64
-    assert torch.equal(kept, want[1]), (kept.tolist(), want[1].tolist())
-    assert torch.equal(assign, want[2])
-    torch.testing.assert_close(out.double(), want[0], **VALUE_TOL[dtype])
 
 
 def assert_valid_indices(kept, assign, seqlens, keeps):

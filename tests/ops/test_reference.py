@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
+import backend_checks
 import pytest
 import spec_transcription as spec
 import torch
+from backend_checks import VALUE_TOL
 
 import apet_kernels
 from apet_kernels.ops import reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Tolerance of the op's output against the float64 oracle run on the same (rounded) input:
-# the output is rounded once to the input dtype, so about one ulp of that dtype.
-VALUE_TOL = {
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float64: dict(atol=1e-12, rtol=1e-12),
-}
 
 
 def gaussian(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+    return backend_checks.gaussian(*shape, seed=seed, dtype=dtype)
 
 
 def run(x: torch.Tensor, keep: int, **kwargs) -> apet_kernels.Compressed:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from backend_checks import DTYPES, assert_matches, gaussian
 
 import apet_kernels
 from apet_kernels.ops import reference
@@ -25,19 +26,6 @@ triton = pytest.importorskip("triton")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The output is one rounding of an fp32 mean to the input dtype (the interpreter's fp32->bf16
-# cast truncates, hence a full bf16 ulp).
-VALUE_TOL = {
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-}
-
-
-def gaussian(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
 
 
 def triton_dense(x, keep, num_basis=10, ridge=1e-4, merge=True):
@@ -50,16 +38,6 @@ def triton_varlen(x, seqlens, keeps, num_basis=10, ridge=1e-4, merge=True):
     from apet_kernels.ops import triton as backend
 
     return backend.compress_varlen(x, seqlens, keeps, num_basis, ridge, merge)
-
-
-def assert_matches(got, want, dtype):
-    """Indices identical, values within the dtype's tolerance of the float64 oracle."""
-    out, kept, assign = got
-    assert out.dtype == dtype and kept.dtype == torch.int64 and assign.dtype == torch.int64
-    assert out.is_contiguous() and kept.is_contiguous() and assign.is_contiguous()
-    assert torch.equal(kept, want[1])
-    assert torch.equal(assign, want[2])
-    torch.testing.assert_close(out.double(), want[0], **VALUE_TOL[dtype])
 
 
 def assert_indices_valid(kept, assign, n, k):
@@ -309,7 +287,8 @@ def test_kernels_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    paths = [str(root), str(root / "tests"), env.get("PYTHONPATH")]  # package + test helpers
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     result = subprocess.run(
         [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
     )
