@@ -34,12 +34,13 @@ def _nan_as(t: torch.Tensor, value: float) -> torch.Tensor:
     return torch.where(torch.isnan(t), torch.full_like(t, value), t)
 
 
-def _sq_dist(v: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
-    """``(S, N)`` squared L2 distances of ``v (S, N, D)`` to ``point (S, D)``, as a direct
-    difference (not ||v||^2 + ||p||^2 - 2 v·p): exact zeros for duplicates, no cancellation.
-    In place on the temporary: ``** 2`` measured ~9x slower than ``mul_`` on CPU (1024x3584)."""
-    diff = v - point[:, None, :]
-    return diff.mul_(diff).sum(-1)
+def _distance(v: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+    """``(S, N)`` L2 distances of ``v (S, N, D)`` to ``point (S, D)`` as direct differences
+    (cdist's non-matmul mode, not ||v||^2 + ||p||^2 - 2 v·p): exact zeros for duplicates, no
+    cancellation, and no ``(S, N, D)`` temporary (measured 3-4x faster on CPU than subtract,
+    square and sum at 8x256x4096 and 32x576x1024). FPS ranks by these distances; the square
+    root is monotone, so the argmax is that of the squared distances SPEC.md names."""
+    return torch.cdist(v, point[:, None, :], compute_mode="donot_use_mm_for_euclid_dist")[..., 0]
 
 
 def fps(
@@ -68,20 +69,21 @@ def fps(
         score = torch.where(valid & ~chosen, _nan_as(score, float("inf")), neg_inf)
         return score.argmax(1)  # first maximal index: the lowest-index tie-break
 
-    sqnorm = _sq_dist(v, torch.zeros_like(v[:, 0]))
-    dots = v.new_zeros(S, N, num_steps)
     basis = torch.zeros(S, num_steps, dtype=torch.long, device=v.device)
     chosen = torch.zeros(S, N, dtype=torch.bool, device=v.device)
-    dist = _sq_dist(v, mean)  # step 1 scores: distance to the mean
+    dist = _distance(v, mean)  # step 1 scores: distance to the mean
     rows = torch.arange(S, device=v.device)
     for t in range(num_steps):
         pick = next_pick(dist, chosen)
         basis[:, t] = pick
         chosen[rows, pick] = True
-        b = v[rows, pick]  # (S, D)
-        dots[:, :, t] = torch.bmm(v, b[:, :, None])[..., 0]
-        d_new = _sq_dist(v, b)
-        dist = d_new if t == 0 else torch.minimum(dist, d_new)
+        if t + 1 < num_steps:  # the last pick needs no distance update
+            d_new = _distance(v, v[rows, pick])
+            dist = d_new if t == 0 else torch.minimum(dist, d_new)
+    # c_i and G for the solve: one GEMM against all basis rows after the loop, not a pass per step.
+    basis_rows = torch.gather(v, 1, basis[:, :, None].expand(S, num_steps, v.shape[2]))
+    dots = torch.bmm(v, basis_rows.transpose(1, 2))
+    sqnorm = (v * v).sum(-1)
     return basis, sqnorm, dots
 
 
