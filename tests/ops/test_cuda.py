@@ -25,36 +25,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from backend_checks import DTYPES, assert_matches, gaussian
+from backend_checks import (
+    DTYPES,
+    assert_matches,
+    assert_valid_indices,
+    gaussian,
+    oracle_dense,
+    oracle_varlen,
+)
 
 import apet_kernels
 from apet_kernels.ops import cuda as cuda_backend
-from apet_kernels.ops import reference
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
-
-
-def oracle_varlen(x, seqlens, keeps, num_basis=10, ridge=1e-4, merge=True):
-    return reference.compress_varlen(x.double(), seqlens, keeps, num_basis, ridge, merge)
-
-
-def oracle_dense(x, keep, num_basis=10, ridge=1e-4, merge=True):
-    return reference.compress_dense(x.double(), keep, num_basis, ridge, merge)
-
-
-def assert_valid_indices(kept, assign, seqlens, keeps):
-    """SPEC.md NaN policy (varlen, global ids): per segment, kept unique, ascending and inside the
-    segment; assign inside the segment's output rows (or -1)."""
-    kept, assign = kept.cpu(), assign.cpu()
-    tok = out = 0
-    for n, k in zip(seqlens, keeps, strict=True):
-        seg_kept = kept[out : out + k]
-        assert torch.all(seg_kept[1:] > seg_kept[:-1])
-        assert torch.all((seg_kept >= tok) & (seg_kept < tok + n))
-        seg_assign = assign[tok : tok + n]
-        assert torch.all((seg_assign == -1) | ((seg_assign >= out) & (seg_assign < out + k)))
-        tok, out = tok + n, out + k
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,103 +216,13 @@ def test_emulated_long_segment_and_many_basis(emulator):
 
 
 # --------------------------------------------------------------------------------------------
-# device: the built extension on a GPU
+# device: the built extension on a GPU runs in tests/ops/test_gpu.py (every GPU backend)
 # --------------------------------------------------------------------------------------------
 
 
 def _device_reason() -> str | None:
     probe = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16)
     return cuda_backend.unavailable_reason(probe)
-
-
-@pytest.fixture
-def gpu():
-    reason = _device_reason()
-    if reason is not None:
-        pytest.skip(f"cuda backend unavailable: {reason}")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("S", "N", "D", "K", "M"), [(2, 577, 64, 144, 10), (3, 729, 40, 96, 16)])
-def test_device_dense_matches_oracle(gpu, dtype, S, N, D, K, M):
-    x = gaussian(S, N, D, seed=7, dtype=dtype)
-    got = cuda_backend.compress_dense(x.cuda(), K, M, 1e-4, True)
-    assert_matches(got, oracle_dense(x, K, num_basis=M), dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_device_varlen_matches_oracle(gpu, dtype):
-    seqlens, keeps = [577, 0, 1, 64, 300, 0, 33], [144, 0, 1, 64, 7, 0, 20]
-    x = gaussian(sum(seqlens), 48, seed=8, dtype=dtype)
-    got = cuda_backend.compress_varlen(x.cuda(), seqlens, keeps, 10, 1e-4, True)
-    assert_matches(got, oracle_varlen(x, seqlens, keeps), dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    ("N", "K", "M", "merge"),
-    [
-        (57, 57, 10, True),
-        (57, 5, 10, True),
-        (57, 1, 10, True),
-        (1, 1, 10, True),
-        (200, 50, 10, False),
-        (200, 120, 1, True),
-    ],
-)
-def test_device_edge_cases(gpu, N, K, M, merge):
-    x = gaussian(2, N, 32, seed=9, dtype=torch.float16)
-    got = cuda_backend.compress_dense(x.cuda(), K, M, 1e-4, merge)
-    assert_matches(got, oracle_dense(x, K, num_basis=M, merge=merge), torch.float16)
-    if K == N:
-        assert torch.equal(got[0].cpu(), x)
-
-
-@pytest.mark.gpu
-def test_device_noncontiguous_and_public_api(gpu):
-    x = gaussian(2, 300, 48, seed=10).cuda()[:, :, ::3]  # (2, 300, 16), strided features
-    assert not x.is_contiguous()
-    got = apet_kernels.compress(x, 60, backend="cuda")
-    assert_matches(tuple(got), oracle_dense(x.cpu(), 60), torch.float32)
-
-
-@pytest.mark.gpu
-def test_device_nan_safety(gpu):
-    seqlens, keeps = [60, 40], [15, 10]
-    x = gaussian(100, 16, seed=11)
-    x[3, 2], x[30], x[60:] = float("nan"), float("inf"), float("nan")
-    out, kept, assign = cuda_backend.compress_varlen(x.cuda(), seqlens, keeps, 10, 1e-4, True)
-    torch.cuda.synchronize()
-    assert_valid_indices(kept, assign, seqlens, keeps)
-
-
-@pytest.mark.gpu
-def test_device_deterministic(gpu):
-    x = gaussian(4, 577, 256, seed=12, dtype=torch.bfloat16).cuda()
-    first = cuda_backend.compress_dense(x, 64, 10, 1e-4, True)
-    for _ in range(3):
-        again = cuda_backend.compress_dense(x, 64, 10, 1e-4, True)
-        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-
-
-@pytest.mark.gpu
-def test_device_dense_cuda_graph_capture(gpu):
-    """Dense calls launch only on the current stream and never sync, so they capture."""
-    x = gaussian(2, 200, 32, seed=13).cuda()
-    eager = cuda_backend.compress_dense(x, 50, 10, 1e-4, True)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up outside the graph
-        cuda_backend.compress_dense(x, 50, 10, 1e-4, True)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = cuda_backend.compress_dense(x, 50, 10, 1e-4, True)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert all(torch.equal(a, b) for a, b in zip(eager, captured, strict=True))
 
 
 # --------------------------------------------------------------------------------------------

@@ -247,3 +247,17 @@ def test_real_model_shapes(N, D, K):
     assert torch.equal(got.kept, want[1])
     assert torch.equal(got.assign, want[2])
     torch.testing.assert_close(got.tokens, want[0].float(), **VALUE_TOL[torch.float32])
+
+
+def test_real_size_consistency_check_accepts_float32_and_rejects_a_wrong_assignment():
+    # The GPU suite's comparison (tests/ops/test_gpu.py) exercised on CPU: the float32 torch
+    # backend passes it against the float64 oracle, and a corrupted assignment fails it.
+    x = backend_checks.spread(2, 700, 256, seed=21, dtype=torch.float32)
+    want = tuple(run(x.double(), 70))
+    out, kept, assign = run(x, 70)
+    backend_checks.assert_consistent((out, kept, assign), x, want, torch.float32)
+    victim = int(torch.nonzero(~torch.isin(torch.arange(700), kept[0]))[0])  # a dropped token
+    wrong = assign.clone()
+    wrong[0, victim] = (wrong[0, victim] + 1) % 70
+    with pytest.raises(AssertionError):
+        backend_checks.assert_consistent((out, kept, wrong), x, want, torch.float32)
