@@ -63,7 +63,7 @@ def fps(
     validf = valid.to(v.dtype)
     count = validf.sum(1).clamp_min(1.0)
     mean = torch.bmm(validf[:, None, :], v)[:, 0] / count[:, None]
-    neg_inf = torch.tensor(float("-inf"), dtype=v.dtype, device=v.device)
+    neg_inf = torch.full((), float("-inf"), dtype=v.dtype, device=v.device)
 
     def next_pick(score: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         score = torch.where(valid & ~chosen, _nan_as(score, float("inf")), neg_inf)
@@ -211,6 +211,14 @@ def merge(
     return out, assign
 
 
+def _device_ints(values: list[int], device: torch.device) -> torch.Tensor:
+    """``(len(values),)`` int64 on ``device``. Equal values (every dense call) are filled on the
+    device rather than copied from the host, so the dense op can be captured in a CUDA graph."""
+    if values and all(v == values[0] for v in values):
+        return torch.full((len(values),), values[0], dtype=torch.long, device=device)
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 def compress_padded(
     x: torch.Tensor,
     lengths: list[int],
@@ -238,9 +246,9 @@ def compress_padded(
     k_max = max(keeps, default=0)
     m_host = [min(num_basis, k) for k in keeps]
     m_max = max(m_host, default=0)
-    lengths_t = torch.tensor(lengths, dtype=torch.long, device=dev)
-    keeps_t = torch.tensor(keeps, dtype=torch.long, device=dev)
-    m_t = torch.tensor(m_host, dtype=torch.long, device=dev).clamp_min(1)
+    lengths_t = _device_ints(lengths, dev)
+    keeps_t = _device_ints(keeps, dev)
+    m_t = _device_ints(m_host, dev).clamp_min(1)
     valid = torch.arange(n_max, device=dev)[None, :] < lengths_t[:, None]
     if m_max == 0:  # every segment empty
         empty = torch.zeros(S, 0, dtype=torch.long, device=dev)
