@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "apet/api.h"
 
@@ -44,8 +45,10 @@ void check_common(const at::Tensor& x, int64_t num_basis, double ridge) {
 // (S+1,) each.
 Outputs launch(const at::Tensor& x2d, apet::Problem& p, const at::Tensor& tok_start,
                const at::Tensor& out_start) {
-  TORCH_CHECK(p.max_len <= std::numeric_limits<int>::max(),
-              "apet CUDA backend: segments longer than 2^31 - 1 tokens are not supported, got ",
+  // Kernels index a segment's tokens with int and step loops past the end (i += blockDim.x,
+  // begin + 64): 2^30 leaves headroom below INT_MAX for those steps.
+  TORCH_CHECK(p.max_len <= (int64_t{1} << 30),
+              "apet CUDA backend: segments longer than 2^30 tokens are not supported, got ",
               p.max_len);
   p.tok_start = tok_start.data_ptr<int64_t>();
   p.out_start = out_start.data_ptr<int64_t>();
@@ -111,11 +114,13 @@ Outputs compress_varlen_cuda(const at::Tensor& x, at::IntArrayRef seqlens, at::I
   p.ridge = static_cast<float>(ridge);
   p.merge = merge;
   p.global_ids = true;
-  // Offsets go through pinned memory and a non-blocking copy on the current stream: the host
-  // never waits, and the caching host allocator keeps the buffer alive until the copy is done.
-  at::Tensor host =
-      at::empty({2 * (S + 1)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* tok = host.data_ptr<int64_t>();
+  // Host prefix sums, uploaded through kernel parameters (apet::upload_int64) rather than a
+  // pinned buffer and a non-blocking copy: a CUDA graph that captured such a copy re-reads the
+  // pinned buffer at every replay, long after this call freed it (only recent torch host
+  // allocators keep blocks used during capture alive), and allocating pinned memory during
+  // capture can query events, which global-mode capture forbids. See csrc/apet/upload.cuh.
+  std::vector<int64_t> host(2 * (S + 1));
+  int64_t* tok = host.data();
   int64_t* outs = tok + S + 1;
   tok[0] = outs[0] = 0;
   for (int64_t s = 0; s < S; ++s) {
@@ -128,7 +133,12 @@ Outputs compress_varlen_cuda(const at::Tensor& x, at::IntArrayRef seqlens, at::I
   }
   TORCH_CHECK(tok[S] == p.total_tokens, "apet CUDA backend: seqlens sum to ", tok[S],
               " but x has ", p.total_tokens, " rows");
-  const at::Tensor offsets = host.to(x.device(), /*non_blocking=*/true);
+  at::Tensor offsets = at::empty({2 * (S + 1)}, x.options().dtype(at::kLong));
+  const cudaError_t err =
+      apet::upload_int64(host.data(), 2 * (S + 1), offsets.data_ptr<int64_t>(),
+                         c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
+  TORCH_CHECK(err == cudaSuccess, "apet CUDA backend: offset upload failed: ",
+              cudaGetErrorString(err));
   return launch(x2d, p, offsets.slice(0, 0, S + 1), offsets.slice(0, S + 1));
 }
 

@@ -25,4 +25,8 @@ cudaError_t compress(DType dtype, const Problem& p, const void* x, void* out, in
   return cudaErrorInvalidValue;
 }
 
+cudaError_t upload_int64(const int64_t* values, int64_t n, int64_t* dst, cudaStream_t stream) {
+  return run_upload(values, n, dst, stream);
+}
+
 }  // namespace apet

@@ -63,7 +63,9 @@ def _load_prebuilt() -> str | None:
         return f"the extension apet_kernels._C is not built: {_BUILD_HINT}"
     try:
         torch.ops.load_library(spec.origin)
-    except OSError as exc:  # e.g. built against another torch: undefined symbols
+    # OSError: e.g. built against another torch (undefined symbols); RuntimeError: the
+    # dispatcher refusing the registration, e.g. the JIT build already defined these ops.
+    except (OSError, RuntimeError) as exc:
         return f"cannot load {spec.origin}: {exc}"
     return _registered()
 

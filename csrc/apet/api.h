@@ -55,4 +55,10 @@ size_t workspace_bytes(const Problem& p);
 cudaError_t compress(DType dtype, const Problem& p, const void* x, void* out, int64_t* kept,
                      int64_t* assign, void* workspace, cudaStream_t stream);
 
+// Writes n host int64 values to the device array dst on `stream` (varlen: the offset arrays).
+// The values travel inside kernel parameters, so `values` is not read after the call returns:
+// unlike a pinned-memory copy, this is safe to capture in a CUDA graph (replays write the same
+// values) and needs no host buffer to outlive the call. Returns the first launch error.
+cudaError_t upload_int64(const int64_t* values, int64_t n, int64_t* dst, cudaStream_t stream);
+
 }  // namespace apet

@@ -163,6 +163,8 @@ __device__ __forceinline__ uint32_t ordered_key(float v) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+constexpr int kFillThreads = 256;
+
 // Writes zeros to n ints (a kernel instead of cudaMemsetAsync keeps the pipeline runnable by
 // the emulator; it is one tiny launch).
 __global__ void fill_zero_kernel(int* data, int64_t n) {

@@ -13,12 +13,23 @@
 #include "merge.cuh"
 #include "residual.cuh"
 #include "select.cuh"
+#include "upload.cuh"
 
 #define APET_RETURN_IF_ERROR(expr)          \
   do {                                      \
     const cudaError_t apet_err_ = (expr);   \
     if (apet_err_ != cudaSuccess) return apet_err_; \
   } while (0)
+
+// Hooks for csrc/emu: with AddressSanitizer the emulator leaves a poisoned gap after every
+// workspace piece, so that an out-of-bounds scratch access faults instead of silently landing in
+// the next piece. Both are no-ops in the real build (the gap must stay a multiple of 256).
+#ifndef APET_WORKSPACE_GAP
+#define APET_WORKSPACE_GAP 0
+#endif
+#ifndef APET_WORKSPACE_PIECE
+#define APET_WORKSPACE_PIECE(begin, bytes, reserved) ((void)0)
+#endif
 
 namespace apet {
 
@@ -52,7 +63,9 @@ inline size_t carve_workspace(const Problem& p, char* base, Workspace* ws) {
     using Elem = typename std::remove_reference<decltype(*ptr)>::type;
     ptr = base != nullptr ? reinterpret_cast<Elem*>(base + used) : nullptr;
     const size_t bytes = static_cast<size_t>(elems > 0 ? elems : 0) * sizeof(Elem);
-    used += (bytes + 255) / 256 * 256;
+    const size_t reserved = (bytes + 255) / 256 * 256 + APET_WORKSPACE_GAP;
+    if (base != nullptr) APET_WORKSPACE_PIECE(base + used, bytes, reserved);
+    used += reserved;
   };
   const int64_t S = p.num_segments, T = p.total_tokens, K = p.total_keep, m = p.max_basis;
   const int64_t partials = 2 * S * fps_chunks(p);
@@ -90,7 +103,7 @@ cudaError_t run_compress(const Problem& p, const T* x, T* out, int64_t* kept, in
   if (compresses) {  // fps: mean, norms + step-0 scores, then one launch per basis pick
     const int64_t chunks = fps_chunks(p);
     const int64_t partials = S * chunks;
-    APET_LAUNCH(fill_zero_kernel, ceil_div(state_ints(p), 256), 256, stream,
+    APET_LAUNCH(fill_zero_kernel, ceil_div(state_ints(p), kFillThreads), kFillThreads, stream,
                 reinterpret_cast<int*>(ws.state), state_ints(p));
     APET_RETURN_IF_ERROR(APET_LAST_ERROR());
     APET_LAUNCH(fps_mean_kernel<T>, S * ceil_div(D, kMeanColumns), kFpsThreads, stream, x, D, seg,

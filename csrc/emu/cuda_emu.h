@@ -10,9 +10,14 @@
 //     called by all 32 lanes with the full mask, in the same order;
 //   * the fibers run in a new (seeded, so reproducible) random order every round, so reading
 //     memory that another thread of the block writes without a barrier in between tends to give
-//     wrong results.
+//     wrong results;
+//   * the blocks of a launch run in a (seeded) random order, not by blockIdx, so a block that
+//     depends on another block of the same launch having run first tends to give wrong results
+//     (a GPU gives no order between the blocks of one launch).
 // What it cannot check: memory-model subtleties, warp-synchronous code without __syncwarp,
-// timing, and anything about real hardware. Passing here is not running on a GPU.
+// reads of shared memory before any write (a __shared__ array is one static that keeps the last
+// block's values, where a GPU has garbage), FMA contraction and other device rounding, timing,
+// and anything about real hardware. Passing here is not running on a GPU.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -34,6 +39,23 @@
 #include <vector>
 
 #define APET_EMULATION 1
+
+// Under AddressSanitizer (tests/ops/test_cuda.py builds the emulator with it once), every
+// workspace piece is followed by a poisoned 256-byte gap (csrc/apet/pipeline.cuh), so scratch
+// accesses past a piece's end are reported like any other heap overflow.
+#if defined(__SANITIZE_ADDRESS__)
+#define APET_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define APET_EMU_ASAN 1
+#endif
+#endif
+#ifdef APET_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#define APET_WORKSPACE_GAP 256
+#define APET_WORKSPACE_PIECE(begin, bytes, reserved) \
+  ASAN_POISON_MEMORY_REGION((begin) + (bytes), (reserved) - (bytes))
+#endif
 
 #undef __global__
 #undef __device__
@@ -198,7 +220,11 @@ void launch(void (*kernel)(Params...), int64_t grid, unsigned threads, Args... a
   const std::tuple<Params...> params(args...);
   grid_dim = {static_cast<unsigned>(grid), 1, 1};
   block_dim = {threads, 1, 1};
-  for (int64_t g = 0; g < grid; ++g) {
+  std::vector<int64_t> blocks(static_cast<size_t>(grid));
+  std::iota(blocks.begin(), blocks.end(), int64_t{0});
+  static std::mt19937 block_rng(20260224);  // fixed seed: runs are reproducible
+  std::shuffle(blocks.begin(), blocks.end(), block_rng);
+  for (const int64_t g : blocks) {
     block_idx = {static_cast<unsigned>(g), 0, 0};
     run_block(threads, [&] { std::apply(kernel, params); });
   }

@@ -44,24 +44,37 @@ int main(int argc, char** argv) {
   p.ridge = static_cast<float>(ridge);
   p.merge = header[5] != 0;
   p.global_ids = header[6] != 0;
-  std::vector<int64_t> tok_start(S + 1, 0), out_start(S + 1, 0);
+  // The offsets reach the "device" as in the binding: host prefix sums, tok_start then
+  // out_start, in one apet::upload_int64 call (kernel parameters, 496 values a launch). The host
+  // array is then overwritten, as a freed host buffer might be, so only the uploaded values can
+  // give right results; they are split into two exact-size arrays for AddressSanitizer.
+  std::vector<int64_t> host(2 * (S + 1), 0), uploaded(2 * (S + 1), -1);
   for (int64_t s = 0; s < S; ++s) {
-    tok_start[s + 1] = tok_start[s] + seqlens[s];
-    out_start[s + 1] = out_start[s] + keeps[s];
+    host[s + 1] = host[s] + seqlens[s];
+    host[S + 1 + s + 1] = host[S + 1 + s] + keeps[s];
     apet::add_segments(p, seqlens[s], keeps[s]);
   }
+  if (apet::upload_int64(host.data(), 2 * (S + 1), uploaded.data(), nullptr) != cudaSuccess)
+    return 4;
+  std::fill(host.begin(), host.end(), -1);
+  const std::vector<int64_t> tok_start(uploaded.begin(), uploaded.begin() + S + 1);
+  const std::vector<int64_t> out_start(uploaded.begin() + S + 1, uploaded.end());
   p.tok_start = tok_start.data();
   p.out_start = out_start.data();
 
+  // Every buffer has its exact size: an AddressSanitizer build reports any access past one.
   std::vector<char> out(static_cast<size_t>(p.total_keep * D) * elem);
   std::vector<int64_t> kept(p.total_keep, -7), assign(T, -7);  // -7: "never written"
-  std::vector<char> workspace(apet::workspace_bytes(p) + 256);
+  std::vector<char> workspace(apet::workspace_bytes(p));
   // Poison the scratch so that reads of never-written memory show up as wrong results.
   std::memset(workspace.data(), 0xA5, workspace.size());
   const apet::DType types[] = {apet::DType::kFloat16, apet::DType::kBFloat16,
                                apet::DType::kFloat32};
   const cudaError_t err = apet::compress(types[dtype], p, x.data(), out.data(), kept.data(),
                                          assign.data(), workspace.data(), nullptr);
+#ifdef APET_EMU_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(workspace.data(), workspace.size());  // gaps poisoned by carving
+#endif
   if (err != cudaSuccess) return 4;
 
   std::FILE* f = std::fopen(argv[2], "wb");

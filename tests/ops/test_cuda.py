@@ -15,10 +15,12 @@ Plus CPU checks of availability reporting and of setup.py's build switch.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import subprocess
 import sys
+import sysconfig
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,11 +68,52 @@ TORCH_NVCC_FLAGS = [
 ]
 
 
+# Threads per block of every kernel, as csrc/apet/pipeline.cuh launches them (the k*Threads
+# constants): a kernel whose registers times this exceed the 64K-register file of an SM cannot
+# launch at all ("too many resources requested"), which only a GPU would show.
+KERNEL_THREADS = {
+    "fill_zero_kernel": 256,
+    "upload_kernel": 256,
+    "fps_mean_kernel": 256,
+    "fps_init_kernel": 256,
+    "fps_step_kernel": 256,
+    "residual_factor_kernel": 128,
+    "residual_error_kernel": 256,
+    "select_kernel": 512,
+    "merge_assign_kernel": 256,
+    "merge_bucket_kernel": 256,
+    "merge_mean_kernel": 128,
+}
+PTXAS_FUNCTION = re.compile(r"entry function '_ZN4apet\d+(\w+?_kernel)\w*' for '(sm_\d+)'")
+PTXAS_USAGE = re.compile(r"Used (\d+) registers(?:.*?, (\d+) bytes smem)?")
+
+
+def check_ptxas_resources(log: str) -> None:
+    """Every kernel fits its launch on an SM: registers x threads <= 64K, static shared memory
+    <= 48 KB (the limit without a dynamic opt-in). ``log`` is ``nvcc -Xptxas -v`` output."""
+    seen = set()
+    function = None
+    for line in log.splitlines():
+        if match := PTXAS_FUNCTION.search(line):
+            function = match.groups()
+        elif function is not None and (match := PTXAS_USAGE.search(line)):
+            name, arch = function
+            registers, smem = int(match[1]), int(match[2] or 0)
+            assert name in KERNEL_THREADS, f"add {name} to KERNEL_THREADS"
+            assert registers * KERNEL_THREADS[name] <= 65536, (name, arch, registers)
+            assert smem <= 48 * 1024, (name, arch, smem)
+            seen.add((name, arch))
+            function = None
+    assert {name for name, _ in seen} == set(KERNEL_THREADS), seen
+    assert {arch for _, arch in seen} == {"sm_80", "sm_90"}, seen
+
+
 @needs_nvcc
 def test_kernels_compile_with_nvcc_for_sm80_and_sm90(tmp_path):
     """compile_check.cu instantiates every kernel template for half, bfloat16 and float, for both
-    archs in one nvcc call; apet_kernels.cu is the device code the extension links. The two calls
-    run in parallel (10-20 s on 2 busy cores)."""
+    archs in one nvcc call, and ptxas reports each kernel's registers and shared memory;
+    apet_kernels.cu is the device code the extension links. The two calls run in parallel (10-20 s
+    on 2 busy cores)."""
 
     def compile_one(source: str, archs: list[str]) -> subprocess.CompletedProcess:
         out = tmp_path / (Path(source).stem + ".o")
@@ -82,7 +125,7 @@ def test_kernels_compile_with_nvcc_for_sm80_and_sm90(tmp_path):
     # flags torch's extension build uses (C++20, no implicit half conversions).
     # The headers themselves stay C++17.
     sources = {
-        "compile_check.cu": ["-std=c++17", *SM80, *SM90],
+        "compile_check.cu": ["-std=c++17", "-Xptxas", "-v", *SM80, *SM90],
         "apet_kernels.cu": [*TORCH_NVCC_FLAGS, *SM90],
     }
     with ThreadPoolExecutor(len(sources)) as pool:
@@ -90,6 +133,29 @@ def test_kernels_compile_with_nvcc_for_sm80_and_sm90(tmp_path):
     for source, result in zip(sources, results, strict=True):
         assert result.returncode == 0, f"{source}:\n{result.stdout}\n{result.stderr}"
         assert (tmp_path / (Path(source).stem + ".o")).stat().st_size > 0
+    check_ptxas_resources(results[0].stdout + results[0].stderr)
+
+
+def test_binding_compiles_against_torch_headers(tmp_path):
+    """csrc/apet_binding.cpp is plain C++ against torch's headers: a syntax-only compile with the
+    host compiler checks it (types, ATen calls, the upload call) on a CPU machine. The CPU wheel
+    ships the c10/cuda headers but not their generated config header, which this skips."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    include = _cuda_include()
+    python_include = Path(sysconfig.get_paths()["include"])
+    if cxx is None or include is None or not (python_include / "Python.h").is_file():
+        pytest.skip("needs a C++17 compiler, the CUDA headers and Python.h")
+    from torch.utils.cpp_extension import include_paths
+
+    torch_includes = [flag for path in include_paths() for flag in ("-isystem", path)]
+    cmd = [
+        cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror",
+        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DTORCH_EXTENSION_NAME=_C",
+        *torch_includes, "-isystem", str(python_include), "-isystem", str(include),
+        f"-I{CSRC}", str(CSRC / "apet_binding.cpp"),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,18 +175,41 @@ def _cuda_include() -> Path | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory) -> Path:
-    """csrc/emu/emu_main.cpp built with the host compiler (about 5 s)."""
+def _build_emulator(tmp_path_factory, name: str, flags: list[str]) -> Path:
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     include = _cuda_include()
     if cxx is None or include is None:
         pytest.skip("the emulator needs a C++17 compiler and the CUDA headers (cuda_fp16.h)")
-    exe = tmp_path_factory.mktemp("emu") / "apet_emu"
-    cmd = [cxx, "-std=c++17", "-O1", f"-I{include}", str(CSRC / "emu" / "emu_main.cpp"), "-o"]
+    exe = tmp_path_factory.mktemp(name) / "apet_emu"
+    cmd = [cxx, "-std=c++17", *flags, f"-I{include}", str(CSRC / "emu" / "emu_main.cpp"), "-o"]
     result = subprocess.run([*cmd, str(exe)], capture_output=True, text=True, timeout=300)
+    if result.returncode != 0 and "-fsanitize=address" in flags and "asan" in result.stderr:
+        pytest.skip(f"no AddressSanitizer runtime: {result.stderr[-300:]}")
     assert result.returncode == 0, result.stderr
     return exe
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory) -> Path:
+    """csrc/emu/emu_main.cpp built with the host compiler (about 5 s)."""
+    return _build_emulator(tmp_path_factory, "emu", ["-O1"])
+
+
+# What a GPU run under compute-sanitizer would report as an invalid global access: the emulator
+# built with AddressSanitizer (every buffer its exact size, a poisoned gap after each workspace
+# piece) and UBSan, aborting on the first report. Fiber stack switching needs ASan's fake stacks
+# off; the emulator's fiber stacks live for the process, so leak checking is off too.
+SANITIZER_ENV = {
+    "ASAN_OPTIONS": "detect_stack_use_after_return=0:detect_leaks=0:abort_on_error=1",
+    "UBSAN_OPTIONS": "print_stacktrace=1",
+}
+
+
+@pytest.fixture(scope="module")
+def sanitized_emulator(tmp_path_factory) -> Path:
+    """The emulator under AddressSanitizer + UBSan (about 10 s to build)."""
+    flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"]
+    return _build_emulator(tmp_path_factory, "emu_asan", [*flags, "-fno-sanitize-recover=all"])
 
 
 def emulate(exe, x, seqlens, keeps, num_basis=10, ridge=1e-4, merge=True, global_ids=True):
@@ -203,6 +292,49 @@ def test_emulated_nan_inf_and_degenerate_inputs(emulator):
     assert torch.isfinite(out[25:]).all()  # the all-zero and duplicate segments stay finite
 
 
+def many_segments() -> tuple[list[int], list[int]]:
+    """260 segments (mostly empty, lengths 3-9 otherwise): 2 (S + 1) = 522 offsets need two
+    upload launches of 496 kernel-parameter values, the second at an offset into the array."""
+    seqlens = [0 if s % 8 else 3 + s % 7 for s in range(260)]
+    seqlens[-1] = 6
+    return seqlens, [min(n, 1 + s % 5) for s, n in enumerate(seqlens)]
+
+
+def test_emulated_many_segments_upload_offsets(emulator):
+    # emu_main passes the offsets through apet::upload_int64 as the binding does, then overwrites
+    # its host copy: right results mean the uploaded values (all 522, across both launches) are.
+    seqlens, keeps = many_segments()
+    x = gaussian(sum(seqlens), 8, seed=12)
+    got = emulate(emulator, x, seqlens, keeps, num_basis=2)
+    assert_matches(got, oracle_varlen(x, seqlens, keeps, num_basis=2), torch.float32)
+
+
+def test_emulated_under_address_sanitizer(sanitized_emulator, monkeypatch):
+    """The layouts that stress indexing, run with every out-of-bounds access (inputs, outputs,
+    offsets and each scratch piece) and undefined behaviour fatal: empty and keep-all segments,
+    partial row/column/depth tiles, K <= M, no merge, NaN/Inf/degenerate tokens, many segments,
+    a segment longer than one select block and one FPS chunk."""
+    for name, value in SANITIZER_ENV.items():
+        monkeypatch.setenv(name, value)
+    cases = [
+        ([40, 0, 7, 70, 0, 1], [12, 0, 7, 5, 0, 1], 4, True, torch.float32),
+        ([130, 130], [70, 70], 10, True, torch.float16),
+        ([33, 50, 50, 1, 90], [33, 7, 1, 1, 30], 10, False, torch.bfloat16),
+        ([520, 3], [100, 2], 10, True, torch.float32),
+        ([120], [80], 20, True, torch.float32),
+        (*many_segments(), 2, True, torch.float32),
+    ]
+    for seqlens, keeps, num_basis, merge, dtype in cases:
+        x = gaussian(sum(seqlens), 17 if num_basis < 17 else 40, seed=13, dtype=dtype)
+        got = emulate(sanitized_emulator, x, seqlens, keeps, num_basis=num_basis, merge=merge)
+        want = oracle_varlen(x, seqlens, keeps, num_basis=num_basis, merge=merge)
+        assert_matches(got, want, dtype)
+    x = torch.cat([gaussian(60, 16, seed=4), torch.full((40, 16), float("nan"))])
+    x[3, 2], x[30] = float("nan"), float("inf")
+    _, kept, assign = emulate(sanitized_emulator, x, [60, 40], [15, 10])
+    assert_valid_indices(kept, assign, [60, 40], [15, 10])
+
+
 @pytest.mark.slow
 def test_emulated_long_segment_and_many_basis(emulator):
     # 700 tokens: several FPS chunks, select scans past one 512-thread block, 9 dropped-row tiles.
@@ -252,6 +384,21 @@ def test_cuda_probe_without_gpu_gives_a_reason():
         "no CUDA device is available",
         "the cuda backend does not support ROCm builds of torch",
     )
+
+
+@pytest.mark.parametrize("error", [OSError("undefined symbol"), RuntimeError("registered twice")])
+def test_prebuilt_load_failure_is_a_reason(monkeypatch, error):
+    # A library that fails to load, or whose ops the dispatcher refuses (e.g. a JIT build of the
+    # same ops already loaded), makes the backend unavailable with a reason; it never raises.
+    spec = types.SimpleNamespace(origin="/nowhere/_C.so")
+    monkeypatch.setattr(cuda_backend.importlib.util, "find_spec", lambda name: spec)
+
+    def fail(path):
+        raise error
+
+    monkeypatch.setattr(torch.ops, "load_library", fail)
+    reason = cuda_backend._load_prebuilt()
+    assert reason is not None and "/nowhere/_C.so" in reason and str(error) in reason
 
 
 def test_gencode_flags():
