@@ -4,7 +4,8 @@
     auto (default)  build when nvcc is found and the installed torch is a CUDA build, else skip;
     1               build, and fail loudly when that is impossible;
     0               never build.
-``APET_CUDA_ARCHS`` lists the target architectures (default "8.0;9.0"; e.g. "8.0;8.6;9.0+PTX").
+``APET_CUDA_ARCHS`` lists the target architectures (default "8.0;9.0+PTX": sm_80 and sm_90 code
+plus compute_90 PTX that the driver compiles for newer GPUs; e.g. "8.0;8.6;9.0+PTX").
 
 torch is a build-time requirement of the extension but not of the package, so build with
 ``--no-build-isolation`` (an isolated build environment has no torch: auto then skips, 1 fails).
@@ -22,7 +23,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0+PTX"
 
 
 def _nvcc() -> str | None:

@@ -5,7 +5,7 @@ Two ways to get the compiled library:
 
 * prebuilt: ``APET_BUILD_CUDA=1 pip install -e . --no-build-isolation`` builds the extension
   ``apet_kernels._C`` (see setup.py; ``APET_CUDA_ARCHS`` picks the architectures, default
-  "8.0;9.0");
+  "8.0;9.0+PTX");
 * JIT: with ``APET_CUDA_JIT=1`` the first use compiles ``csrc/`` with
   ``torch.utils.cpp_extension.load`` (a source checkout is needed; the build is cached under
   ``TORCH_EXTENSIONS_DIR``, for the current GPU's architecture unless ``APET_CUDA_ARCHS`` is set),
