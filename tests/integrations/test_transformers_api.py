@@ -62,6 +62,7 @@ def test_declared_transformers_range(monkeypatch):
         (dict(vision_keep="96"), TypeError, ["vision_keep", "'96'"]),
         (dict(vision_keep=8, layer=2, layer_keep=0), ValueError, ["layer_keep", "0"]),
         (dict(vision_keep=8, layer=2), ValueError, ["layer_keep", "layer=2"]),
+        (dict(vision_keep=8, layer_keep=0.5), ValueError, ["layer_keep=0.5", "needs layer"]),
         (dict(vision_keep=8, layer=0, layer_keep=2), ValueError, ["layer", "0"]),
         (dict(vision_keep=8, layer=2.0, layer_keep=2), TypeError, ["layer", "2.0"]),
         (dict(vision_keep=8, positions="absolute"), ValueError, ["positions", "absolute"]),
@@ -122,6 +123,13 @@ def test_overrides_and_presets():
     remove_apet(model)
 
 
+def test_replace_layer_none_turns_stage_2_off():
+    cfg = ApetConfig(96, layer=16, layer_keep=32)
+    assert cfg.replace(layer=None) == ApetConfig(96)
+    with pytest.raises(ValueError, match="layer_keep=8 needs layer"):
+        cfg.replace(layer=None, layer_keep=8)
+
+
 def test_default_positions_per_family():
     for name, expected in [("llava", "compact"), ("qwen2_5_vl", "original")]:
         if name not in supported_model_types():
@@ -149,6 +157,30 @@ def test_patch_a_class():
     finally:
         remove_apet(cls)
     assert "__init__" not in cls.__dict__ or not is_patched(cls(model.config))
+
+
+def test_patch_a_class_that_inherits_its_constructor():
+    """remove_apet leaves no ``__init__`` on a class that had none of its own."""
+
+    class Sub(transformers.LlavaForConditionalGeneration):
+        pass
+
+    model, _ = BUILDERS["llava"]()
+    apply_apet(Sub, **BUDGETS["llava"])
+    assert "__init__" in Sub.__dict__ and is_patched(Sub(model.config))
+    remove_apet(Sub)
+    assert "__init__" not in Sub.__dict__ and not is_patched(Sub(model.config))
+    assert Sub.__init__ is transformers.LlavaForConditionalGeneration.__init__
+
+
+def test_attention_mask_must_be_2d():
+    model, make = BUILDERS["llava"]()
+    inputs = make(PROMPTS["llava"][:1])
+    apply_apet(model, **BUDGETS["llava"])
+    mask = inputs["attention_mask"][:, None, None].bool()
+    with pytest.raises(NotImplementedError, match=r"2D attention_mask.*\(1, 1, 1, 43\)"):
+        model(**dict(inputs, attention_mask=mask))
+    remove_apet(model)
 
 
 def test_apply_twice_replaces_and_last_selection_needs_patch():

@@ -1,13 +1,16 @@
 """The Hugging Face shims on tiny models built from configs (CPU, no downloads).
 
-For each model: keep-all == unpatched; generate with cache == without; a batch == its rows run
-alone; the decoder layers see exactly the budgeted number of tokens; remove_apet restores the
-model; bad configs raise clear errors.
+For each model: prefill logits, loss and every decode step equal a hand-built reference
+(``reference.py``: compression by hand, layers run one by one) in both position modes, with left
+and right padding; keep-all == unpatched; generate with cache == without; a batch == its rows run
+alone; the projector and every decoder layer (and its KV cache) see exactly the budgeted number of
+tokens; remove_apet restores the model; unsupported uses raise clear errors.
 """
 
 from __future__ import annotations
 
 import pytest
+import reference
 import torch
 from tiny_vlms import BUDGETS, BUILDERS, NUM_LAYERS, PROMPTS, SUPPRESS
 
@@ -84,10 +87,13 @@ def test_generate_cache_matches_no_cache(name, attn, patched):
     cached = model.generate(**inputs, return_dict_in_generate=True, **GEN)
     uncached = model.generate(**inputs, use_cache=False, **GEN)
     assert torch.equal(cached.sequences, uncached)
-    # The cache really is compressed: L1 + g entries before the stage-2 layer, fewer after it.
-    cache, fed_back = cached.past_key_values, GEN["max_new_tokens"] - 1
-    assert cache.get_seq_length(0) - fed_back < inputs["input_ids"].shape[1]
-    assert cache.get_seq_length(NUM_LAYERS - 1) < cache.get_seq_length(0)
+    # Every layer's cache holds what that layer saw in the prefill (L1 before the stage-2 layer,
+    # L2 < L1 from it, both < L0) plus the g tokens fed back since.
+    widths = _layer_widths(model, inputs)
+    layer, fed_back = BUDGETS[name]["layer"], GEN["max_new_tokens"] - 1
+    assert widths[layer - 1] > widths[layer] and widths[0] < inputs["input_ids"].shape[1]
+    cache = cached.past_key_values
+    assert [cache.get_seq_length(i) for i in range(NUM_LAYERS)] == [w + fed_back for w in widths]
 
 
 @pytest.mark.parametrize("positions", ["original", "compact"])
@@ -150,7 +156,15 @@ def test_layers_see_budgeted_tokens(name, patched):
     ids = inputs["input_ids"][0]
     placeholders = int((ids >= 250).sum() - (ids >= 252).sum())
     text = ids.numel() - placeholders
+    # The LLaVA family's projector runs after stage 1 (Qwen2.5-VL's merger is inside its vision
+    # stack, before stage 1); count the rows it projects.
+    projector = getattr(model.model, "multi_modal_projector", None)
+    projected = []
+    if projector is not None:
+        hook = projector.register_forward_pre_hook(lambda m, a: projected.append(len(a[0])))
     widths = _layer_widths(model, inputs)
+    if projector is not None:
+        hook.remove()
     sel = last_selection(model)
     fillers = placeholders - sum(u.num_tokens for u in sel.units)  # LLaVA-NeXT's newlines
     k1 = [_budget(budget["vision_keep"], u.num_tokens) for u in sel.units]
@@ -160,6 +174,8 @@ def test_layers_see_budgeted_tokens(name, patched):
     layer = budget["layer"]
     assert widths[:layer] == [text + fillers + sum(k1)] * layer
     assert widths[layer:] == [text + fillers + sum(k2)] * (NUM_LAYERS - layer)
+    if projector is not None:
+        assert projected == [sum(k1)]  # one call, on the kept tokens only
 
 
 def _budget(keep, n):
@@ -252,3 +268,116 @@ def test_static_cache_is_refused(patched):
     patched(model, **BUDGETS["llava"])
     with pytest.raises(NotImplementedError, match="DynamicCache"):
         model.generate(**make(PROMPTS["llava"][:1]), cache_implementation="static", **GEN)
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+@pytest.mark.parametrize("name", MODELS)
+def test_matches_hand_built_reference(name, positions, patched):
+    """Prefill logits (left and right padding, next to a text-only row), the loss, and the logits
+    of every cached decode step equal ``reference.py``, which compresses by hand and runs the
+    decoder layers one by one: stage-1 placement, stage-2 re-layout, rotary positions of kept
+    tokens in both modes, the labels' shrinking and the per-group masks and positions of decode."""
+    model, make = built(name)
+    cfg = dict(BUDGETS[name], positions=positions)
+    patched(model, **cfg)
+    prompts = PROMPTS[name]
+    rows = [reference.stage1(name, model, make([p]), cfg["vision_keep"]) for p in prompts]
+    refs = [reference.logits(model, s1, cfg) for s1 in rows]
+    for pad in ("left", "right"):
+        batch = make([*prompts, [6]], pad=pad)
+        out = logits(model, batch)
+        for b, (ref, _) in enumerate(refs):
+            row = out[b, -len(ref) :] if pad == "left" else out[b, : len(ref)]
+            torch.testing.assert_close(row, ref, rtol=1e-5, atol=1e-5)
+    # The loss: each text label follows its token; placeholders and padding are -100.
+    batch = make(prompts, pad="right")
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] >= 250, -100)
+    labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    kept = [labels[b, col] for b, (_, col) in enumerate(refs)]
+    expected = torch.nn.functional.cross_entropy(
+        torch.cat([ref[:-1] for ref, _ in refs]),
+        torch.cat([k[1:] for k in kept]),
+        ignore_index=-100,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch, labels=labels).loss, expected)
+    # Decode: step t's logits == the reference run on the prompt + the t tokens generated so far.
+    batch = make([*prompts, [6]], pad="left")
+    gen = model.generate(**batch, output_logits=True, return_dict_in_generate=True, **GEN)
+    new = gen.sequences[:, batch["input_ids"].shape[1] :].tolist()
+    for b, s1 in enumerate(rows):
+        for t, step in enumerate(gen.logits):
+            ref, _ = reference.logits(model, s1, cfg, extra_ids=new[b][:t])
+            torch.testing.assert_close(step[b], ref[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_multi_token_decode_with_full_mask(patched):
+    """A manual loop may feed several tokens at once to a compressed cache, given the full
+    (uncompressed) attention mask: equal to the prompt + those tokens run without a cache."""
+    model, make = built("llava")
+    patched(model, **BUDGETS["llava"])
+    inputs = make(PROMPTS["llava"], pad="left")
+    new = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    longer = dict(
+        inputs,
+        input_ids=torch.cat([inputs["input_ids"], new], 1),
+        attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new)], 1),
+    )
+    with torch.no_grad():
+        cache = model(**inputs).past_key_values
+        step = model(
+            input_ids=new, attention_mask=longer["attention_mask"], past_key_values=cache
+        ).logits
+    torch.testing.assert_close(step, logits(model, longer)[:, -3:], rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_decoding_is_refused(patched):
+    """The cache is shorter than the sequence generate tracks: continuing generate from a
+    returned cache or assisted decoding would feed the wrong tokens, so they raise."""
+    model, make = built("llava")
+    patched(model, **BUDGETS["llava"])
+    inputs = make(PROMPTS["llava"][1:])  # no padding: generate drops the all-ones mask
+    first = model.generate(**inputs, return_dict_in_generate=True, **GEN)
+    more = torch.cat([first.sequences, torch.tensor([[5, 6]])], 1)
+    with pytest.raises(NotImplementedError, match="cannot continue from a compressed cache"):
+        model.generate(input_ids=more, past_key_values=first.past_key_values, **GEN)
+    with pytest.raises(NotImplementedError, match="assisted decoding is not supported"):
+        model.generate(**inputs, prompt_lookup_num_tokens=2, **dict(GEN, max_new_tokens=12))
+    # With padding generate keeps the mask, whose length then gives the mismatch away.
+    batch = make(PROMPTS["llava"], pad="left")
+    first = model.generate(**batch, return_dict_in_generate=True, **GEN)
+    more = torch.cat([first.sequences, torch.full((2, 2), 5)], 1)
+    mask = torch.cat(
+        [batch["attention_mask"], torch.ones(2, more.shape[1] - batch["input_ids"].shape[1])], 1
+    )
+    with pytest.raises(ValueError, match=r"attention_mask of shape \(2, \d+\)"):
+        model.generate(
+            input_ids=more, attention_mask=mask, past_key_values=first.past_key_values, **GEN
+        )
+    # A cache cropped into the prompt (assisted decoding's rollback of candidates it fed with
+    # the prompt) or edited in one group only.
+    with torch.no_grad():
+        for crop in (lambda c: c.crop(-1), lambda c: c.layers[-1].crop(-1)):
+            cache = model(**inputs).past_key_values
+            crop(cache)
+            with pytest.raises(ValueError, match="cropped or edited"):
+                model(input_ids=torch.tensor([[5]]), past_key_values=cache)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+def test_labels_loss_tuple_and_gradients(name, patched):
+    """With labels: loss first in the tuple output (as unpatched), and the loss reaches the text
+    embeddings and the LLaVA projector (the op itself is inference-only and detaches)."""
+    model, make = built(name)
+    patched(model, **BUDGETS[name])
+    inputs = make(PROMPTS[name][:1])
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] >= 250, -100)
+    out = model(**inputs, labels=labels)
+    as_tuple = model(**inputs, labels=labels, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.loss)
+    torch.testing.assert_close(as_tuple[1], out.logits)
+    params = [model.get_input_embeddings().weight]
+    if name == "llava":
+        params.append(model.model.multi_modal_projector.linear_1.weight)
+    grads = torch.autograd.grad(out.loss, params)
+    assert all(g.abs().sum() > 0 for g in grads)

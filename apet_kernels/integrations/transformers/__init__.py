@@ -9,10 +9,17 @@
 * stage 2 (optional), on the visual hidden states before decoder layer ``layer``. Positions,
   rotary embeddings, masks and the per-layer KV cache stay consistent through prefill and decode.
 
-Outputs (logits, hidden states) cover the compressed sequence. ``last_selection(model)`` tells
-which tokens each stage kept. Supported transformers: ``SUPPORTED_TRANSFORMERS`` (tested with
-5.17 and 5.23); attention: "sdpa", "eager" (tested) and "flash_attention_2" (untested); caches:
-``DynamicCache`` (what ``generate`` uses by default).
+Outputs (logits, hidden states, loss) cover the compressed sequence. ``last_selection(model)``
+tells which tokens each stage kept. Supported transformers: ``SUPPORTED_TRANSFORMERS`` (tested
+with 5.17 and 5.23); attention: "sdpa", "eager" (tested) and "flash_attention_2" (untested);
+caches: ``DynamicCache`` (what ``generate`` uses by default). The op is inference-only (it
+detaches): a loss reaches the decoder, the text embeddings and the LLaVA projector, never the
+vision stage, and the visual tokens compressed at ``layer`` pass no gradient back before it.
+
+The KV cache is shorter than the sequence ``generate`` tracks, so what sizes its inputs by the
+cache length raises instead of feeding the wrong tokens: continuing ``generate`` from a returned
+cache, assisted decoding. A manual decode loop that feeds several tokens at once passes the
+full (uncompressed) attention mask.
 
 Example:
     >>> from apet_kernels.integrations import apply_apet, last_selection

@@ -377,11 +377,10 @@ def _as_kwargs(fn: Callable, args: tuple, kwargs: dict) -> dict:
     """Bind positional arguments to names (generate passes keywords; users may not)."""
     if not args:
         return dict(kwargs)
-    bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+    sig = inspect.signature(fn)
     out = {}
-    for name, value in bound.items():
-        param = inspect.signature(fn).parameters[name]
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
+    for name, value in sig.bind_partial(*args, **kwargs).arguments.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
             out.update(value)
         else:
             out[name] = value
@@ -438,12 +437,18 @@ def _prefill(patch: Patch, kw: dict):
     base = shim.base(patch.model)
     mask_in = kw.get("attention_mask")
     if mask_in is not None and mask_in.dim() != 2:
-        raise NotImplementedError("apet needs a 2D attention_mask (or None) with visual inputs")
+        raise NotImplementedError(
+            "apet needs a 2D attention_mask (or None) with visual inputs, got shape "
+            f"{tuple(mask_in.shape)}"
+        )
     mask0 = torch.ones_like(input_ids, dtype=torch.bool) if mask_in is None else mask_in.bool()
     left = is_left_aligned(mask_in)
+    # The op is inference-only (it detaches), so nothing upstream of it can get a gradient: the
+    # vision stage runs without autograd. The projector and the text embeddings run in the
+    # caller's grad mode, so a loss reaches them (and the decoder) as it does unpatched.
     with torch.no_grad():
         vis = shim.visual_input(patch.model, kw)
-        lay, embeds, tok_row, tok_col, raw = _stage1(patch, vis, input_ids, mask0, left)
+    lay, embeds, tok_row, tok_col, raw = _stage1(patch, vis, input_ids, mask0, left)
     valid1 = lay.valid
     if cfg.positions == "original":
         pos0, next1 = shim.original_positions(base, input_ids, mask0, kw)
@@ -480,7 +485,8 @@ def _prefill(patch: Patch, kw: dict):
     if cache is not None:
         setattr(cache, _STATE_ATTR, state)
     if labels is not None:
-        out["loss"] = _loss(patch, out.logits, labels, lay, ctx)
+        # rebuilt rather than set, so that loss comes first in to_tuple() as it does unpatched
+        out = type(out)(**{"loss": _loss(patch, out.logits, labels, lay, ctx), **out})
     return _finish(out, return_dict)
 
 
@@ -494,20 +500,53 @@ def _loss(patch: Patch, logits, labels, lay, ctx: CallContext):
     return patch.model.loss_function(logits=logits, labels=labels, vocab_size=vocab)
 
 
+def _tokens_since_prompt(patch: Patch, cache, state: SeqState) -> int:
+    """Tokens every layer cached after its compressed prompt, checked to be one number >= 0 (a
+    cache cropped into the prompt, as assisted decoding's rollback can do, or edited per layer
+    fails). Host ints only: no sync."""
+    groups = [state.group1] * len(patch.shim.language_model(patch.model).layers)
+    if state.group2 is not None:
+        groups[patch.config.layer :] = [state.group2] * (len(groups) - patch.config.layer)
+    seen = [cache.get_seq_length(i) - g.valid.shape[1] for i, g in enumerate(groups)]
+    if min(seen) < 0 or len(set(seen)) > 1:
+        raise ValueError(
+            f"apet: the compressed KV cache holds {seen} tokens after the prompt per layer; was "
+            "it cropped or edited (assisted decoding is not supported)?"
+        )
+    return seen[0]
+
+
 def _decode(patch: Patch, kw: dict, state: SeqState):
     ids = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
     q = ids.shape[1]
     cache = kw["past_key_values"]
     mask_in = kw.get("attention_mask")
     g1 = state.group1
-    if mask_in is not None:
-        extra = mask_in[:, state.prompt_len :].bool()
-    else:
+    seen = _tokens_since_prompt(patch, cache, state)
+    # The cache is shorter than the sequence generate tracks, so anything that sizes new inputs
+    # by the cache length (generate continuing from a returned cache, assisted decoding) feeds
+    # the wrong tokens: refuse what cannot be checked, check the mask where there is one.
+    if mask_in is None:
+        if q > 1:
+            raise NotImplementedError(
+                f"apet: {q} tokens fed at once to a compressed KV cache without an "
+                "attention_mask. generate cannot continue from a compressed cache and assisted "
+                "decoding is not supported; a manual loop must pass attention_mask covering the "
+                f"uncompressed prompt ({state.prompt_len} columns), the {seen} tokens since and "
+                f"these {q}"
+            )
         # generate drops an all-ones mask; the generated count comes from the cache then.
-        last = len(patch.shim.language_model(patch.model).layers) - 1
-        group_len = (state.group2 or g1).valid.shape[1]
-        seen = cache.get_seq_length(last) - group_len
         extra = torch.ones(g1.valid.shape[0], seen + q, dtype=torch.bool, device=ids.device)
+    else:
+        expected = state.prompt_len + seen + q
+        if mask_in.dim() != 2 or mask_in.shape[1] != expected:
+            raise ValueError(
+                f"apet: attention_mask of shape {tuple(mask_in.shape)} on a compressed KV cache; "
+                f"expected (batch, {expected}): the uncompressed prompt ({state.prompt_len}), the "
+                f"{seen} tokens cached since and the {q} new ones (generate cannot continue from "
+                "a compressed cache; assisted decoding is not supported)"
+            )
+        extra = mask_in[:, state.prompt_len :].bool()
     pos1 = next_positions(g1.next_pos, extra, q)[None].expand(patch.shim.pos_axes, -1, -1)
     kw.update(
         attention_mask=torch.cat([g1.valid, extra], dim=1).long(),

@@ -36,7 +36,7 @@ class ApetConfig:
             states again; ``None`` turns stage 2 off. Checked against the model's layer count
             when applied (``1 <= layer < num_hidden_layers``).
         layer_keep: stage-2 tokens per image unit: an int (clamped to the stage-1 count) or a
-            float ratio of the unit's stage-1 count. Required when ``layer`` is set.
+            float ratio of the unit's stage-1 count. Required when ``layer`` is set, and only then.
         num_basis, ridge, merge: the op's arguments (SPEC.md).
         positions: ``"original"``: kept tokens keep their position ids (Qwen2.5-VL: M-RoPE
             (t, h, w)) and text positions do not move; ``"compact"``: positions are renumbered
@@ -65,6 +65,11 @@ class ApetConfig:
                 )
             if self.layer_keep is None:
                 raise ValueError(f"layer_keep is required when layer is set (layer={self.layer})")
+        elif self.layer_keep is not None:
+            raise ValueError(
+                f"layer_keep={self.layer_keep!r} needs layer (the decoder layer stage 2 runs "
+                "before); set layer, or leave layer_keep None to turn stage 2 off"
+            )
         if self.layer_keep is not None:
             _check_keep("layer_keep", self.layer_keep)
         if isinstance(self.num_basis, bool) or not isinstance(self.num_basis, int):
@@ -85,11 +90,14 @@ class ApetConfig:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
 
     def replace(self, **overrides) -> ApetConfig:
-        """A copy with some fields changed (validated again); unknown names raise TypeError."""
+        """A copy with some fields changed (validated again); unknown names raise TypeError.
+        ``layer=None`` alone turns stage 2 off, dropping ``layer_keep`` with it."""
         names = {f.name for f in dataclasses.fields(self)}
         for key in overrides:
             if key not in names:
                 raise TypeError(f"unknown ApetConfig field {key!r}; fields are {sorted(names)}")
+        if "layer" in overrides and overrides["layer"] is None:
+            overrides.setdefault("layer_keep", None)
         return dataclasses.replace(self, **overrides)
 
     def stage1_keep(self, n: int) -> int:

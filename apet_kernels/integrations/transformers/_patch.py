@@ -160,7 +160,11 @@ def remove_apet(model):
     if isinstance(model, type):
         saved = model.__dict__.get(_CLASS_ATTR)
         if saved is not None:
-            model.__init__ = saved[0]
+            orig_init, owned = saved[0], saved[2]
+            if owned:
+                model.__init__ = orig_init
+            else:  # the constructor was inherited: leave no __init__ of the class's own behind
+                del model.__init__
             delattr(model, _CLASS_ATTR)
         return model
     patch = model.__dict__.get(_ATTR)
@@ -181,7 +185,8 @@ def _apply_class(cls: type, config, overrides: dict) -> type:
     shim = _shim_for(model_type)
     resolved = _resolve(shim, config, overrides)
     remove_apet(cls)
-    orig_init = cls.__dict__.get("__init__", cls.__init__)
+    owned = "__init__" in cls.__dict__
+    orig_init = cls.__dict__["__init__"] if owned else cls.__init__
 
     @functools.wraps(orig_init)
     def __init__(self, *args, **kwargs):
@@ -190,7 +195,7 @@ def _apply_class(cls: type, config, overrides: dict) -> type:
             apply_apet(self, resolved)
 
     cls.__init__ = __init__
-    setattr(cls, _CLASS_ATTR, (orig_init, resolved))
+    setattr(cls, _CLASS_ATTR, (orig_init, resolved, owned))
     return cls
 
 
