@@ -6,7 +6,7 @@ compresses the visual hidden states again before ``layer`` and runs the remainin
 shorter sequence. Positions follow the two documented modes: "original" (each token keeps the
 position it has in the uncompressed prompt; Qwen2.5-VL's M-RoPE (t, h, w) from ``get_rope_index``;
 generated tokens continue from the uncompressed maximum + 1) and "compact" (0, 1, 2, ... over
-whatever sequence a layer sees). The models come from ``tiny_vlms`` and run in sdpa.
+whatever sequence a layer sees). The models come from ``tiny_vlms`` (sdpa or eager).
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ def stage1(name: str, model, inputs: dict, vision_keep) -> Stage1:
 
 def _run_layers(lm, h, pos, layers):
     """Decoder layers on one row ``h (1, L, D)`` at positions ``pos (P, L)``."""
-    mask = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool).tril()[None, None]
+    # additive, so that sdpa and eager read it alike
+    mask = torch.full((h.shape[1], h.shape[1]), float("-inf")).triu(1)[None, None]
     rope = lm.rotary_emb(h, pos[0][None] if pos.shape[0] == 1 else pos[:, None])
     for layer in layers:
         h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=None)

@@ -195,6 +195,7 @@ def test_remove_restores_outputs(name):
     remove_apet(model)
     assert torch.equal(logits(model, inputs), ref)
     assert "forward" not in model.__dict__ and model.forward == forward
+    assert "_expand_inputs_for_generation" not in model.__dict__
     assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
 
 
@@ -270,14 +271,17 @@ def test_static_cache_is_refused(patched):
         model.generate(**make(PROMPTS["llava"][:1]), cache_implementation="static", **GEN)
 
 
+@pytest.mark.parametrize(
+    "name, attn",
+    [*((name, "sdpa") for name in MODELS), ("llava", "eager"), ("qwen2_5_vl", "eager")],
+)
 @pytest.mark.parametrize("positions", ["compact", "original"])
-@pytest.mark.parametrize("name", MODELS)
-def test_matches_hand_built_reference(name, positions, patched):
+def test_matches_hand_built_reference(name, attn, positions, patched):
     """Prefill logits (left and right padding, next to a text-only row), the loss, and the logits
     of every cached decode step equal ``reference.py``, which compresses by hand and runs the
     decoder layers one by one: stage-1 placement, stage-2 re-layout, rotary positions of kept
     tokens in both modes, the labels' shrinking and the per-group masks and positions of decode."""
-    model, make = built(name)
+    model, make = built(name, attn)
     cfg = dict(BUDGETS[name], positions=positions)
     patched(model, **cfg)
     prompts = PROMPTS[name]
@@ -309,6 +313,26 @@ def test_matches_hand_built_reference(name, positions, patched):
         for t, step in enumerate(gen.logits):
             ref, _ = reference.logits(model, s1, cfg, extra_ids=new[b][:t])
             torch.testing.assert_close(step[b], ref[-1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_expanded_generation_gives_each_row_its_items(name, patched):
+    """Beam search and num_return_sequences repeat every row: each copy must see that row's
+    images/videos (generate's plain repeat_interleave would give a two-image row A, A, B, B and
+    split Qwen's patch rows). Keep-all == unpatched; compressed, every copy's first-step logits
+    equal its row's."""
+    model, make = built(name)
+    inputs = make([*PROMPTS[name], [1, ("image", 3), 2, ("image", 4), 1]], pad="left")
+    kw = dict(GEN, max_new_tokens=2, output_logits=True, return_dict_in_generate=True)
+    ref = model.generate(**inputs, num_beams=2, **kw)
+    patched(model, vision_keep=1.0, layer=2, layer_keep=1.0)
+    beams = model.generate(**inputs, num_beams=2, **kw)
+    assert torch.equal(beams.sequences, ref.sequences)
+    torch.testing.assert_close(beams.logits[0], ref.logits[0], rtol=1e-4, atol=1e-4)
+    patched(model, **BUDGETS[name])
+    one = model.generate(**inputs, **kw)
+    two = model.generate(**inputs, **dict(kw, num_return_sequences=2, do_sample=True, top_k=4))
+    torch.testing.assert_close(two.logits[0], one.logits[0].repeat_interleave(2, 0))
 
 
 def test_multi_token_decode_with_full_mask(patched):

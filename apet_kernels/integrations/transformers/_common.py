@@ -69,6 +69,22 @@ class VisualInput:
     placeholders: list[Placeholder]
 
 
+@dataclass
+class ItemGroup:
+    """One kind of visual item (image, video) in a forward's inputs, so that ``generate`` can
+    repeat each batch row's items with the row (beam search, num_return_sequences).
+
+    Attributes:
+        token_id: the placeholder id of this kind in input_ids.
+        tokens: placeholder tokens of each item, in input order.
+        tensors: per-item forward arguments of this kind: name -> rows of dim 0 of each item.
+    """
+
+    token_id: int
+    tokens: list[int]
+    tensors: dict[str, list[int]]
+
+
 class Shim:
     """Model-specific parts; subclasses live in llava.py, llava_next.py, video_llava.py and
     qwen2_5_vl.py. Positions are handled as ``(P, B, L)`` int64 internally: P = 1 for the LLaVA
@@ -99,6 +115,11 @@ class Shim:
 
     def visual_input(self, model: nn.Module, kwargs: dict[str, Any]) -> VisualInput:
         """Run the vision encoder and describe the units and placeholders."""
+        raise NotImplementedError
+
+    def items(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> list[ItemGroup]:
+        """The visual items of a forward's inputs, one :class:`ItemGroup` per kind present
+        (no vision encoder run)."""
         raise NotImplementedError
 
     def original_positions(
@@ -156,6 +177,15 @@ def tower_features(
     return torch.cat(pool, dim=-1)
 
 
+def same_size_items(
+    token_id: int, input_ids: torch.Tensor, count: int, names: tuple[str, ...]
+) -> ItemGroup:
+    """The :class:`ItemGroup` of ``count`` items that take the same number of placeholders each
+    (LLaVA-1.5, Video-LLaVA), one dim-0 row per item in each argument of ``names``."""
+    tokens = int((input_ids == token_id).sum()) // max(count, 1)
+    return ItemGroup(token_id, [tokens] * count, {name: [1] * count for name in names})
+
+
 def clip_unit_grid(vision_config, n: int) -> tuple[tuple[int, int] | None, torch.Tensor | None]:
     """``(grid, token_index)`` of a CLIP unit of ``n`` tokens (square grid, maybe a CLS first)."""
     side = vision_config.image_size // vision_config.patch_size
@@ -211,6 +241,8 @@ class Patch:
     orig_forward: Callable
     had_instance_forward: bool
     hooks: list = field(default_factory=list)
+    #: generate's ``_expand_inputs_for_generation`` that the patch wraps (None: not wrapped).
+    orig_expand: Callable | None = None
     ctx: CallContext | None = None
     selection: RawSelection | None = None
 
@@ -367,6 +399,54 @@ def make_layer_hook(patch: Patch, index: int):
         return args, kwargs
 
     return hook
+
+
+# --------------------------------------------------------------------------------------------
+# generate's input expansion (beam search, num_return_sequences)
+
+
+def expand_for_generation(
+    patch: Patch, expand_size: int, is_encoder_decoder: bool, input_ids, model_kwargs: dict
+):
+    """``generate``'s ``_expand_inputs_for_generation`` on a patched model.
+
+    generate repeats every input tensor along dim 0 (``repeat_interleave``), which is right for
+    per-row tensors but not for per-item ones (a row with images A, B becomes A, A, B, B instead
+    of A, B, A, B; Qwen's patch rows are split apart). Unpatched, generate repeats the encoded
+    images per row instead, a path apet has to bypass (stage 1 runs before the projector); so the
+    per-item inputs are repeated here, row by row, and the rest as generate does.
+    """
+    orig = patch.orig_expand
+    kw = model_kwargs
+    if expand_size == 1 or input_ids is None or not patch.shim.has_visual(kw):
+        return orig(expand_size, is_encoder_decoder, input_ids, **kw)
+    expanded = {}
+    for group in patch.shim.items(patch.model, input_ids, kw):
+        bounds, item = [], 0  # items [start, end) of every row
+        for count in (input_ids == group.token_id).sum(1).tolist():
+            start = item
+            while count > 0 and item < len(group.tokens):
+                count -= group.tokens[item]
+                item += 1
+            if count != 0:
+                raise ValueError(
+                    f"apet: input_ids' placeholder tokens {group.token_id} do not split into whole "
+                    f"visual items ({group.tokens} tokens each)"
+                )
+            bounds.append((start, item))
+        for name, rows in group.tensors.items():
+            first = [0, *torch.tensor(rows).cumsum(0).tolist()]
+            index = [
+                r
+                for start, end in bounds
+                for _ in range(expand_size)
+                for r in range(first[start], first[end])
+            ]
+            value = kw.pop(name)
+            expanded[name] = value[torch.tensor(index, dtype=torch.long, device=value.device)]
+    input_ids, kw = orig(expand_size, is_encoder_decoder, input_ids, **kw)
+    kw.update(expanded)
+    return input_ids, kw
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import transformers
 from packaging.version import Version
 from torch import nn
 
-from ._common import Patch, Shim, make_layer_hook, patched_forward
+from ._common import Patch, Shim, expand_for_generation, make_layer_hook, patched_forward
 from ._config import ApetConfig
 from ._selection import Selection
 from .llava import LlavaShim
@@ -29,6 +29,8 @@ for _shim in (LlavaShim(), LlavaNextShim(), VideoLlavaShim(), Qwen25VLShim()):
         _SHIMS[_type] = _shim
 
 _ATTR = "_apet_patch"
+#: generate's input expansion, which the patch wraps (see ``expand_for_generation``)
+_EXPAND = "_expand_inputs_for_generation"
 _CLASS_ATTR = "_apet_class_patch"
 
 
@@ -151,6 +153,15 @@ def apply_apet(model, config: ApetConfig | str | None = None, **overrides):
                 layers[i].register_forward_pre_hook(make_layer_hook(patch, i), with_kwargs=True)
             )
     model.forward = forward
+    if hasattr(model, _EXPAND) and _EXPAND not in model.__dict__:
+        patch.orig_expand = getattr(model, _EXPAND)
+
+        def expand(expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+            return expand_for_generation(
+                patch, expand_size, is_encoder_decoder, input_ids, model_kwargs
+            )
+
+        setattr(model, _EXPAND, expand)
     object.__setattr__(model, _ATTR, patch)
     return model
 
@@ -176,6 +187,8 @@ def remove_apet(model):
         model.forward = patch.orig_forward
     else:
         del model.__dict__["forward"]
+    if patch.orig_expand is not None:
+        del model.__dict__[_EXPAND]
     del model.__dict__[_ATTR]
     return model
 

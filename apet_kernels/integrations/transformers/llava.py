@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Placeholder, Shim, VisualInput, clip_unit_grid, tower_features
+from ._common import (
+    Placeholder,
+    Shim,
+    VisualInput,
+    clip_unit_grid,
+    same_size_items,
+    tower_features,
+)
 from ._config import ApetConfig
 from ._selection import UnitInfo
 
@@ -47,3 +54,9 @@ class LlavaShim(Shim):
             base.multi_modal_projector,
             [Placeholder(base.config.image_token_id, layout)],
         )
+
+    def items(self, model, input_ids, kwargs):
+        token_id = self.base(model).config.image_token_id
+        return [
+            same_size_items(token_id, input_ids, len(kwargs["pixel_values"]), ("pixel_values",))
+        ]

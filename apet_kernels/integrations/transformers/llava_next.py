@@ -13,9 +13,40 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Placeholder, Shim, VisualInput, tower_features
+from ._common import ItemGroup, Placeholder, Shim, VisualInput, tower_features
 from ._config import ApetConfig
 from ._selection import UnitInfo
+
+
+def _crops_per_image(cfg, image_sizes) -> list[int]:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return [
+        image_size_to_num_patches(
+            image_size=size,
+            grid_pinpoints=cfg.image_grid_pinpoints,
+            patch_size=cfg.vision_config.image_size,
+        )
+        for size in image_sizes
+    ]
+
+
+def _packed_cells(base, crops_per_image: list[int], n: int, image_sizes, strategy, device):
+    """Per image, ``(L_i,)`` int64 ``crop * n + cell`` of each token in the LLM's order (crops
+    numbered over all images), -1 for a newline: the model's ``pack_image_features`` run on
+    token labels (float64 holds them exactly)."""
+    labels = torch.arange(sum(crops_per_image) * n, dtype=torch.float64, device=device)
+    packed, _ = base.pack_image_features(
+        list(labels.view(-1, n, 1).split(crops_per_image)),
+        image_sizes,
+        vision_feature_select_strategy=strategy,
+        image_newline=labels.new_full((1,), -1.0),
+    )
+    return [p[:, 0].long() for p in packed]
+
+
+def _strategy(cfg, kwargs) -> str:
+    return kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
 
 
 class LlavaNextShim(Shim):
@@ -38,37 +69,21 @@ class LlavaNextShim(Shim):
     }
 
     def visual_input(self, model, kwargs) -> VisualInput:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
         base = self.base(model)
         cfg = base.config
         pixel_values, image_sizes = kwargs["pixel_values"], kwargs["image_sizes"]
-        crops_per_image = [
-            image_size_to_num_patches(
-                image_size=size,
-                grid_pinpoints=cfg.image_grid_pinpoints,
-                patch_size=cfg.vision_config.image_size,
-            )
-            for size in image_sizes
-        ]
+        crops_per_image = _crops_per_image(cfg, image_sizes)
         if pixel_values.dim() == 5:  # (images, max crops, C, H, W), padded along crops
             pixel_values = torch.cat(
                 [p[:n] for p, n in zip(pixel_values, crops_per_image, strict=True)]
             )
         feats = tower_features(base.vision_tower, pixel_values, kwargs, cfg)
         crops, n, dim = feats.shape
-        strategy = (
-            kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+        cells = torch.cat(
+            _packed_cells(
+                base, crops_per_image, n, image_sizes, _strategy(cfg, kwargs), feats.device
+            )
         )
-        # float64 holds the indices exactly; -1 marks the newline slots.
-        ids = torch.arange(crops * n, dtype=torch.float64, device=feats.device).view(crops, n, 1)
-        packed, _ = base.pack_image_features(
-            list(torch.split(ids, crops_per_image)),
-            image_sizes,
-            vision_feature_select_strategy=strategy,
-            image_newline=ids.new_full((1,), -1.0),
-        )
-        cells = torch.cat([p[:, 0] for p in packed]).long()  # crop * n + cell, or -1
         present = torch.zeros(crops * n, dtype=torch.bool, device=feats.device)
         present[cells[cells >= 0]] = True
         row_of = present.long().cumsum(0) - 1
@@ -91,3 +106,20 @@ class LlavaNextShim(Shim):
             base.multi_modal_projector,
             [Placeholder(cfg.image_token_id, layout, filler=base.image_newline)],
         )
+
+    def items(self, model, input_ids, kwargs):
+        base = self.base(model)
+        cfg, sizes = base.config, kwargs["image_sizes"]
+        crops = _crops_per_image(cfg, sizes)
+        strategy = _strategy(cfg, kwargs)
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        n = side * side + (strategy != "default")  # CLS dropped or kept
+        packed = _packed_cells(base, crops, n, sizes, strategy, input_ids.device)
+        ones = [1] * len(crops)
+        return [
+            ItemGroup(
+                cfg.image_token_id,
+                [len(p) for p in packed],
+                {"pixel_values": ones, "image_sizes": ones},
+            )
+        ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Placeholder, Shim, VisualInput
+from ._common import ItemGroup, Placeholder, Shim, VisualInput
 from ._config import ApetConfig
 from ._selection import UnitInfo
 
@@ -70,6 +70,23 @@ class Qwen25VLShim(Shim):
             placeholders.append(Placeholder(token_id, layout))
             start += total
         return VisualInput(torch.cat(feats), seqlens, infos, lambda x: x, placeholders)
+
+    def items(self, model, input_ids, kwargs):
+        cfg = self.base(model).config
+        merge = cfg.vision_config.spatial_merge_size**2
+        groups = []
+        for pixels, thw, extra, token_id in (
+            ("pixel_values", "image_grid_thw", (), cfg.image_token_id),
+            ("pixel_values_videos", "video_grid_thw", ("second_per_grid_ts",), cfg.video_token_id),
+        ):
+            if kwargs.get(pixels) is None or kwargs[pixels].numel() == 0:
+                continue
+            patches = kwargs[thw].prod(-1).tolist()  # pixel rows (patches) of each item
+            ones = [1] * len(patches)
+            tensors = {pixels: patches, thw: ones}
+            tensors.update({key: ones for key in extra if kwargs.get(key) is not None})
+            groups.append(ItemGroup(token_id, [p // merge for p in patches], tensors))
+        return groups
 
     def original_positions(self, model, input_ids, mask, kwargs):
         cfg = model.config

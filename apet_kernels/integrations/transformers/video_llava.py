@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Placeholder, Shim, VisualInput, clip_unit_grid, tower_features
+from ._common import (
+    Placeholder,
+    Shim,
+    VisualInput,
+    clip_unit_grid,
+    same_size_items,
+    tower_features,
+)
 from ._config import ApetConfig
 from ._selection import UnitInfo
 
@@ -51,3 +58,16 @@ class VideoLlavaShim(Shim):
         return VisualInput(
             torch.cat(feats), seqlens, infos, base.multi_modal_projector, placeholders
         )
+
+    def items(self, model, input_ids, kwargs):
+        cfg = self.base(model).config
+        groups = []
+        for key, token_id in (
+            ("pixel_values", cfg.image_token_id),
+            ("pixel_values_images", cfg.image_token_id),
+            ("pixel_values_videos", cfg.video_token_id),
+        ):
+            pixels = kwargs.get(key)
+            if pixels is not None and pixels.numel() > 0:
+                groups.append(same_size_items(token_id, input_ids, len(pixels), (key,)))
+        return groups
