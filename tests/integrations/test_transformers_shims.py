@@ -388,6 +388,23 @@ def test_unsupported_decoding_is_refused(patched):
                 model(input_ids=torch.tensor([[5]]), past_key_values=cache)
 
 
+def test_reset_cache_starts_over(patched):
+    """A compressed cache that is reset and reused for a text-only prompt decodes like a fresh
+    one (the compressed prompt's bookkeeping goes with the reset)."""
+    model, make = built("llava")
+    text = make([[7]])
+    step = torch.tensor([[5]])
+    longer = torch.cat([text["input_ids"], step], 1)
+    with torch.no_grad():
+        ref = model(input_ids=longer).logits[:, -1]
+        patched(model, **BUDGETS["llava"])
+        cache = model(**make(PROMPTS["llava"][:1])).past_key_values
+        cache.reset()
+        model(input_ids=text["input_ids"], past_key_values=cache)
+        out = model(input_ids=step, past_key_values=cache).logits[:, -1]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
 def test_labels_loss_tuple_and_gradients(name, patched):
     """With labels: loss first in the tuple output (as unpatched), and the loss reaches the text

@@ -1,5 +1,6 @@
 """The machinery all four shims share: the shim interface, stage 1 on the placeholder tokens,
-stage 2 inside the decoder stack, and the patched forward (prefill, decode, pass-through).
+stage 2 inside the decoder stack, generate's per-row input expansion, and the patched forward
+(prefill, decode, pass-through).
 
 How a compressed sequence stays consistent (B rows, L0 prompt columns):
 
@@ -13,7 +14,9 @@ How a compressed sequence stays consistent (B rows, L0 prompt columns):
   generated tokens). A :class:`SeqState` attached to the cache object remembers both groups'
   masks and next positions; each decode step rebuilds every group's 2D mask as
   ``cat(group mask, generated part of generate's mask)`` and its positions from the group's next
-  position, so masks, cache lengths and positions agree per layer.
+  position, so masks, cache lengths and positions agree per layer. It checks the cache lengths
+  and the mask against each other, since callers that size inputs by the (shorter) cache length
+  would otherwise feed the wrong tokens.
 """
 
 from __future__ import annotations
@@ -490,8 +493,10 @@ def patched_forward(patch: Patch, args: tuple, kwargs: dict):
             )
         return _prefill(patch, kw)
     state = getattr(cache, _STATE_ATTR, None) if cache is not None else None
-    if state is not None and cache.get_seq_length() > 0:
-        return _decode(patch, kw, state)
+    if state is not None:
+        if cache.get_seq_length() > 0:
+            return _decode(patch, kw, state)
+        delattr(cache, _STATE_ATTR)  # an emptied cache starts a new, uncompressed sequence
     return patch.orig_forward(**kw)
 
 
