@@ -446,7 +446,10 @@ def expand_for_generation(
                 for r in range(first[start], first[end])
             ]
             value = kw.pop(name)
-            expanded[name] = value[torch.tensor(index, dtype=torch.long, device=value.device)]
+            if isinstance(value, torch.Tensor):
+                expanded[name] = value[torch.tensor(index, dtype=torch.long, device=value.device)]
+            else:  # e.g. second_per_grid_ts as a list of floats
+                expanded[name] = [value[i] for i in index]
     input_ids, kw = orig(expand_size, is_encoder_decoder, input_ids, **kw)
     kw.update(expanded)
     return input_ids, kw

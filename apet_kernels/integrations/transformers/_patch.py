@@ -167,7 +167,8 @@ def apply_apet(model, config: ApetConfig | str | None = None, **overrides):
 
 
 def remove_apet(model):
-    """Undo :func:`apply_apet` exactly (hooks, forward; for a class, its constructor)."""
+    """Undo :func:`apply_apet` exactly (hooks, forward, generate's input expansion; for a class,
+    its constructor)."""
     if isinstance(model, type):
         saved = model.__dict__.get(_CLASS_ATTR)
         if saved is not None:
