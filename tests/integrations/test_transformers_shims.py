@@ -335,6 +335,20 @@ def test_expanded_generation_gives_each_row_its_items(name, patched):
     torch.testing.assert_close(two.logits[0], one.logits[0].repeat_interleave(2, 0))
 
 
+@pytest.mark.parametrize("seconds", [[2.0, 0.5], torch.tensor([2.0, 0.5])])
+def test_expanded_generation_qwen_video_timing(seconds, patched):
+    """Qwen2.5-VL's per-video second_per_grid_ts (a list or a tensor) repeats per row too."""
+    model, make = built("qwen2_5_vl")
+    inputs = make([[2, "video", 3, ("video", 1), 1], [4, "image", 2]], pad="left")
+    inputs["second_per_grid_ts"] = seconds
+    kw = dict(GEN, max_new_tokens=2, num_beams=2, output_logits=True, return_dict_in_generate=True)
+    ref = model.generate(**inputs, **kw)
+    patched(model, vision_keep=1.0, layer=2, layer_keep=1.0)
+    out = model.generate(**inputs, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.logits[0], ref.logits[0], rtol=1e-4, atol=1e-4)
+
+
 def test_multi_token_decode_with_full_mask(patched):
     """A manual loop may feed several tokens at once to a compressed cache, given the full
     (uncompressed) attention mask: equal to the prompt + those tokens run without a cache."""
