@@ -27,7 +27,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
 
 
-
 def triton_dense(x, keep, num_basis=10, ridge=1e-4, merge=True):
     from apet_kernels.ops import triton as backend
 
@@ -106,19 +105,23 @@ def test_gpu_blocks_match_oracle(gpu_blocks, dtype):
 
 
 @pytest.mark.parametrize(
-    "n_max,k_max,segments,total", [(1, 1, 1, 1), (576, 64, 1, 576), (65536, 9000, 1, 65536),
-                                   (729, 200, 4000, 2_916_000), (300, 300, 3, 900)],
+    "n_max,k_max,m_max,segments,total",
+    [(1, 1, 1, 1, 1), (576, 64, 10, 1, 576), (65536, 9000, 10, 1, 65536),
+     (729, 200, 16, 4000, 2_916_000), (300, 300, 40, 3, 900), (300, 200, 128, 1, 300)],
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_config_is_valid(n_max, k_max, segments, total, dtype):
+def test_gpu_config_is_valid(n_max, k_max, m_max, segments, total, dtype):
     from apet_kernels.ops.triton import launcher
 
-    cfg = launcher._gpu_config(dtype, 8192, n_max, k_max, segments, total, 132)
+    cfg = launcher._gpu_config(dtype, 8192, n_max, k_max, m_max, segments, total, 132)
     blocks = {k: v for k, v in dataclasses.asdict(cfg).items() if not k.endswith(("s", "chunks"))}
     assert all(v >= 1 and v & (v - 1) == 0 for v in blocks.values()), blocks  # powers of two
     assert min(cfg.merge_n, cfg.merge_k, cfg.merge_d) >= 16  # tl.dot's minimum block
     assert triton.cdiv(n_max, cfg.fps_n) <= max(256, triton.cdiv(n_max, 128))
     assert 1 <= cfg.fps_chunks <= 16 and cfg.fps_n * cfg.fps_d // (32 * cfg.fps_warps) <= 16
+    # Residual (BLOCK_N, MP) tiles: at most 32 fp32 values per thread each (no spills, sm_90).
+    mp = launcher._basis_tile(m_max)
+    assert cfg.residual_n * mp // (32 * cfg.residual_warps) <= 32
 
 
 @needs_interpreter
@@ -250,6 +253,75 @@ def test_int64_offsets_path(monkeypatch):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("merge", [True, False])
+def test_feature_offsets_past_int32(merge):
+    # A feature stride whose (D - 1) * stride_d passes 2**31 while stride_d itself fits int32:
+    # each kernel's `d * stride_d` must be formed in int64 (it wrapped, and the interpreter
+    # segfaulted, before). The view spans a 4 GiB fp16 storage of which only the few pages that
+    # hold the 3 x 40 values are ever touched.
+    T, D, stride_d = 40, 3, 2**30 + 64
+    try:
+        storage = torch.empty((D - 1) * stride_d + T, dtype=torch.float16)
+    except RuntimeError:  # no overcommit on this machine
+        pytest.skip("cannot reserve a 4 GiB virtual buffer")
+    values = gaussian(T, D, seed=19, dtype=torch.float16)
+    x = storage.as_strided((T, D), (1, stride_d))
+    x.copy_(values)
+    # num_basis 2 < D, so the errors are not ridge residue (no near-ties against the oracle).
+    got = triton_varlen(x, [15, 25], [6, 9], num_basis=2, merge=merge)
+    assert_matches(got, reference.compress_varlen(values.double(), [15, 25], [6, 9], 2, 1e-4,
+                                                  merge), torch.float16)  # fmt: skip
+    xd = storage.as_strided((2, 20, D), (20, 1, stride_d))
+    got = triton_dense(xd, 7, num_basis=2, merge=merge)
+    want = reference.compress_dense(values.view(2, 20, D).double(), 7, 2, 1e-4, merge)
+    assert_matches(got, want, torch.float16)
+
+
+@needs_interpreter
+def test_large_basis_gpu_blocks(gpu_blocks):
+    # M = 40: MP = 64, the residual's 64-token, 8-warp GPU tiles and its run-time factor and
+    # substitution loops (unrolled over MP, this kernel took 611 s to compile for sm_90).
+    x = gaussian(1, 150, 48, seed=20)
+    want = reference.compress_dense(x.double(), 60, 40, 1e-4, True)
+    assert_matches(triton_dense(x, 60, num_basis=40), want, x.dtype)
+
+
+def test_basis_limit_is_an_argument_error():
+    from apet_kernels.ops.triton import launcher
+
+    x = torch.zeros(1, 130, 4)
+    with pytest.raises(ValueError, match="num_basis"):
+        launcher.run(x, [130], [129], 129, 1e-4, True, dense=True)
+
+
+@needs_interpreter
+def test_tables_and_cuda_graph_capture(monkeypatch):
+    # Capture logic, run on CPU by pretending the stream is capturing: a shape whose tables are
+    # not cached raises a clear error (it cannot copy them inside a capture), a warmed-up shape
+    # runs and its tables are pinned for the graph's lifetime even if the LRU cache drops them.
+    from apet_kernels.ops.triton import launcher
+
+    monkeypatch.setattr(launcher, "_CAPTURED", {})
+    x = gaussian(2, 30, 8, seed=21)
+    launcher._tables.cache_clear()
+    monkeypatch.setattr(launcher, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="warm-up"):
+        triton_dense(x, 9)
+    monkeypatch.setattr(launcher, "_capturing", lambda device: False)
+    eager = triton_dense(x, 9)
+    assert not launcher._CAPTURED
+    monkeypatch.setattr(launcher, "_capturing", lambda device: True)
+    captured = triton_dense(x, 9)
+    assert all(torch.equal(a, b) for a, b in zip(eager, captured, strict=True))
+    (tables,) = launcher._CAPTURED.values()
+    launcher._tables.cache_clear()
+    assert launcher._CAPTURED and next(iter(launcher._CAPTURED.values())) is tables
+    # The packed tables hold what the kernels expect.
+    assert tables.seg.tolist() == [[0, 30, 0, 9, 9], [30, 30, 9, 9, 9]]
+    assert torch.equal(tables.row_ids, torch.arange(19))
+
+
+@needs_interpreter
 def test_deterministic():
     x = gaussian(2, 65, 24, seed=15, dtype=torch.bfloat16)
     first, second = triton_dense(x, 20), triton_dense(x, 20)
@@ -283,7 +355,9 @@ def test_unavailable_without_interpreter(monkeypatch):
 
 def test_kernels_compile_for_sm90():
     """Lower every kernel variant the launcher can pick to an sm_90 cubin (frontend, layouts,
-    ptxas) in a subprocess without the interpreter; no GPU is needed."""
+    ptxas) in a subprocess without the interpreter, and check each fits an H100 block's shared
+    memory; no GPU is needed. The timeout also guards compile time (the residual kernel once
+    took 611 s at MP = 64)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
@@ -295,11 +369,14 @@ def test_kernels_compile_for_sm90():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
+
+
 def _compile_all_for_sm90() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from apet_kernels.ops.triton import fps, merge, residual, select
+    from apet_kernels.ops.triton import fps, launcher, merge, residual, select
 
     pointers = {
         "seg_ptr": "*i64", "blk_ptr": "*i64", "segblk_ptr": "*i64", "part_ptr": "*fp32",
@@ -318,7 +395,9 @@ def _compile_all_for_sm90() -> None:
             else:
                 signature[name] = pointers.get(name, "fp32" if name == "ridge" else "i64")
         source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-        triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        shared = compiled.metadata.shared
+        assert shared <= H100_SHARED_BYTES, (kernel.fn.__name__, constants, shared)
 
     for x_type in ("fp16", "bf16", "fp32"):
         for off32 in (True, False):
@@ -328,19 +407,24 @@ def _compile_all_for_sm90() -> None:
                 build(fps.fps_step_kernel, x_type, consts)
         fp32 = x_type == "fp32"
         for local in (True, False):
-            for block_n in (32, 64):
-                consts = dict(LOCAL=local, UPCAST=fp32, OFF32=local, BLOCK_N=block_n, BLOCK_K=64,
-                              BLOCK_D=32)  # fmt: skip
-                build(merge.merge_assign_kernel, x_type, consts, num_warps=8 if fp32 else 4)
+            for block_n, block_k in ((32, 16), (64, 64)):
+                consts = dict(LOCAL=local, UPCAST=fp32, OFF32=local, BLOCK_N=block_n,
+                              BLOCK_K=block_k, BLOCK_D=32)  # fmt: skip
+                build(merge.merge_assign_kernel, x_type, consts, num_warps=8 if fp32 else 4,
+                      num_stages=2 if fp32 else 3)  # fmt: skip
             for do_merge in (True, False):
                 consts = dict(MERGE=do_merge, LOCAL=local, BLOCK_M=8, BLOCK_D=256)
                 build(merge.merge_mean_kernel, x_type, consts)
     long_segments = dict(FIRST=False, OFF32=True, NCP=1, BLOCK_N=128, BLOCK_D=64, BLOCK_P=256)
     build(fps.fps_step_kernel, "bf16", long_segments, num_warps=16)
-    for mp in (2, 16):
-        build(residual.residual_kernel, "fp32", dict(MP=mp, BLOCK_N=128))
-        for local in (True, False):
-            build(select.select_kernel, "fp32", dict(LOCAL=local, MP=mp, BLOCK=4096), num_warps=16)
+    many_chunks = dict(FIRST=True, OFF32=True, NCP=16, BLOCK_N=16, BLOCK_D=64, BLOCK_P=16)
+    build(fps.fps_step_kernel, "fp16", many_chunks)
+    for m_max in (1, 16, 32, 64, launcher.MAX_BASIS):  # every residual tile the launcher picks
+        cfg = launcher._gpu_config(torch.float16, 4096, 300, 300, m_max, 1, 300, 132)
+        consts = dict(MP=launcher._basis_tile(m_max), BLOCK_N=cfg.residual_n)
+        build(residual.residual_kernel, "fp32", consts, num_warps=cfg.residual_warps)
+    for local in (True, False):
+        build(select.select_kernel, "fp32", dict(LOCAL=local, BLOCK=4096), num_warps=16)
 
 
 if __name__ == "__main__":  # the subprocess of test_kernels_compile_for_sm90

@@ -46,9 +46,11 @@ def row_offset(g, n_div, stride_s, stride_n):
 
 @triton.jit
 def local_offset(idx, stride, OFF32: tl.constexpr):
-    """``idx * stride`` within one segment: int32 when the launcher proved every in-segment
-    offset fits (``OFF32``), which keeps gathered pointer tiles from holding 64-bit offsets in
-    registers (measured with ptxas for sm_90: 249 -> 128 registers for a 32x128 FPS tile)."""
+    """``idx * stride`` within one segment (token rows and feature columns alike): int32 when the
+    launcher proved every in-segment offset fits (``OFF32``), which keeps gathered pointer tiles
+    from holding 64-bit offsets in registers (measured with ptxas for sm_90: 249 -> 128
+    registers for a 32x128 FPS tile); int64 otherwise, where ``d * stride_d`` alone may pass
+    2**31 (e.g. a transposed ``(T, D)`` view with ``stride_d = T``)."""
     if OFF32:
         return idx.to(tl.int32) * stride
     else:
@@ -85,10 +87,11 @@ def fps_mean_kernel(
     hi = tl.minimum(lo + chunk, n_s)
     base = row_offset(tok0, n_div, stride_s, stride_n)
     d_mask = d < D
+    d_off = local_offset(d, stride_d, OFF32)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         i = n0 + tl.arange(0, BLOCK_N)
-        ptrs = x_ptr + base + local_offset(i, stride_n, OFF32)[:, None] + d[None, :] * stride_d
+        ptrs = x_ptr + base + local_offset(i, stride_n, OFF32)[:, None] + d_off[None, :]
         acc += tl.load(ptrs, mask=(i < hi)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
     tl.store(part_ptr + (s * NC + c) * D + d, tl.sum(acc, axis=0), mask=d_mask)
 
@@ -158,8 +161,8 @@ def fps_step_kernel(
                 mask=(c < NC)[:, None] & d_mask[None, :],
                 other=0.0,
             )
-            mean = tl.sum(part, axis=0) / n_s.to(tl.float32)
-            v_ptrs = x_seg + v_off + d[None, :] * stride_d
+            mean = tl.div_rn(tl.sum(part, axis=0), n_s.to(tl.float32))
+            v_ptrs = x_seg + v_off + local_offset(d, stride_d, OFF32)[None, :]
             v = tl.load(v_ptrs, mask=i_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
             diff = tl.where(d_mask[None, :], v - mean[None, :], 0.0)
             acc_dist += tl.sum(diff * diff, axis=1)
@@ -177,9 +180,10 @@ def fps_step_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_mask = d < D
-            v_ptrs = x_seg + v_off + d[None, :] * stride_d
+            d_off = local_offset(d, stride_d, OFF32)
+            v_ptrs = x_seg + v_off + d_off[None, :]
             v = tl.load(v_ptrs, mask=i_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            b = tl.load(b_base + d * stride_d, mask=d_mask, other=0.0).to(tl.float32)
+            b = tl.load(b_base + d_off, mask=d_mask, other=0.0).to(tl.float32)
             # Squared L2 as a direct difference (not ||v||^2 + ||b||^2 - 2 v·b): duplicates of
             # a basis token get exactly 0, as in the reference.
             diff = v - b[None, :]

@@ -3,9 +3,15 @@
 Dense ``(S, N, D)`` and packed ``(T, D)`` input run the same kernels: tokens live in one packed
 index space (dense token ``(s, i)`` is ``s * N + i``) and every kernel reads x through
 ``row_offset`` with the caller's strides, so non-contiguous input is never copied. Per-segment
-tables (token start, N_s, output start, K_s, m_s) and the (segment, token block) tables of the
-1-D grids are built on the host from host ints, copied once and cached: nothing here reads
-device data on the host, so the op never syncs.
+tables (token start, N_s, output start, K_s, m_s), the (segment, token block) tables of the
+1-D grids and the CSR row ids are built on the host from host ints, packed into one int64
+buffer, copied once per shape (pinned memory, asynchronous on the current stream) and cached.
+Nothing here reads device data on the host and a new shape costs no host sync either.
+
+CUDA graphs: capture after one eager call with the same shapes (the usual warm-up), so the
+tables are cached; a capture that would have to build them raises instead of failing inside
+CUDA. Tables used by a captured graph are kept for the life of the process, because the graph
+reads their memory on every replay and the LRU cache alone could free it.
 
 Block sizes are fixed per call by a small heuristic instead of autotuning (multi-config autotune
 needs a driver, and the interpreter's cost grows with programs x block ops, so it gets large
@@ -45,6 +51,7 @@ class _Config:
     fps_chunks: int  # token chunks of the centroid sum, to fill the GPU for one image
     fps_p: int  # partials re-reduced per chunk at the start of each FPS step
     residual_n: int
+    residual_warps: int
     select_block: int
     select_warps: int
     merge_n: int
@@ -56,18 +63,31 @@ class _Config:
     row_d: int
 
 
-def _config(x: torch.Tensor, n_max: int, k_max: int, num_segments: int, total: int) -> _Config:
+# Largest m = min(num_basis, K) the residual stage takes: its (MP, MP) register tiles need
+# 64 KB of shared memory for layout conversions at MP = 128 and 256 KB at MP = 256, more than an
+# H100 block may use (227 KB), so larger bases cannot launch (ptxas, sm_90).
+MAX_BASIS = 128
+
+
+def _basis_tile(m_max: int) -> int:
+    """MP: the residual stage's basis dimension, m_max rounded up to a power of two (>= 2)."""
+    return _pow2(m_max, 2, 1 << 30)
+
+
+def _config(
+    x: torch.Tensor, n_max: int, k_max: int, m_max: int, num_segments: int, total: int
+) -> _Config:
     """Block sizes for this call: GPU tiles on CUDA, large tiles under the interpreter."""
     D = x.shape[-1]
     if x.device.type == "cuda":
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        return _gpu_config(x.dtype, D, n_max, k_max, num_segments, total, sms)
+        return _gpu_config(x.dtype, D, n_max, k_max, m_max, num_segments, total, sms)
     # Interpreter: its cost grows with programs x block ops, so few programs and big tiles.
     fps_n = _pow2(n_max, 16, 1024)
     return _Config(
         fps_n=fps_n, fps_d=_pow2(D, 16, max(16, 2**18 // fps_n)), fps_warps=4, fps_chunks=1,
         fps_p=_pow2(triton.cdiv(n_max, fps_n), 16, 1024),
-        residual_n=_pow2(n_max, 16, 1024), select_block=_pow2(n_max, 16, 8192),
+        residual_n=_pow2(n_max, 16, 1024), residual_warps=4, select_block=_pow2(n_max, 16, 8192),
         select_warps=4, merge_n=_pow2(n_max, 16, 256), merge_k=_pow2(k_max, 16, 256),
         merge_d=_pow2(D, 16, 256), merge_warps=4, merge_stages=1,
         row_m=32, row_d=_pow2(D, 16, 1024),
@@ -75,7 +95,14 @@ def _config(x: torch.Tensor, n_max: int, k_max: int, num_segments: int, total: i
 
 
 def _gpu_config(
-    dtype: torch.dtype, D: int, n_max: int, k_max: int, num_segments: int, total: int, sms: int
+    dtype: torch.dtype,
+    D: int,
+    n_max: int,
+    k_max: int,
+    m_max: int,
+    num_segments: int,
+    total: int,
+    sms: int,
 ) -> _Config:
     """GPU block sizes (a pure function of the shapes, so tests can run them interpreted)."""
     # FPS tiles of fps_n x 64 with at most 16 elements per thread: 128 registers (ptxas, sm_90;
@@ -94,57 +121,120 @@ def _gpu_config(
     # (IEEE dot) 64x64x32 on 8 warps, 2 stages (189). The gathered kept rows rule out TMA.
     fp32 = dtype == torch.float32
     merge_n = 64 if fp32 or triton.cdiv(total, 64) >= sms else 32
+    # Residual tiles (BLOCK_N, MP) x 3 and (MP, MP) x 2 without spills (ptxas, sm_90): 128 tokens
+    # on 4 warps up to MP = 32 (166 registers), 64 on 8 warps at MP = 64 (167); MP = 128 takes
+    # 32 on 8 warps (255 registers, a few hundred bytes of spills).
+    mp = _basis_tile(m_max)
+    residual_n, residual_warps = (128, 4) if mp <= 32 else (64, 8) if mp <= 64 else (32, 8)
     return _Config(
         fps_n=fps_n, fps_d=fps_d, fps_warps=max(4, fps_n // 8), fps_chunks=chunks,
-        fps_p=_pow2(triton.cdiv(n_max, fps_n), 16, 1024), residual_n=128,
+        fps_p=_pow2(triton.cdiv(n_max, fps_n), 16, 1024), residual_n=residual_n,
+        residual_warps=residual_warps,
         select_block=select_block, select_warps=max(4, select_block // 256),
         merge_n=merge_n, merge_k=_pow2(k_max, 16, 64), merge_d=32, merge_warps=8 if fp32 else 4,
         merge_stages=2 if fp32 else 3, row_m=8, row_d=_pow2(D, 32, 256),
     )  # fmt: skip
 
 
-@functools.lru_cache(maxsize=64)
-def _segment_table(
-    seqlens: tuple[int, ...], keeps: tuple[int, ...], num_basis: int, device: torch.device
-) -> torch.Tensor:
-    """``(S, SEG_COLS)`` int64: token start, N_s, output start, K_s, m_s (see fps.SEG_*)."""
-    lengths = torch.tensor(seqlens, dtype=torch.int64)
-    k = torch.tensor(keeps, dtype=torch.int64)
-    table = torch.stack(
-        [torch.cumsum(lengths, 0) - lengths, lengths, torch.cumsum(k, 0) - k, k,
-         k.clamp(max=num_basis)], dim=1,
-    )  # fmt: skip
-    assert table.shape[1] == SEG_COLS.value
-    return table.to(device)
+@dataclass(frozen=True)
+class _Tables:
+    """Device views of one packed int64 buffer (see ``_tables``)."""
+
+    seg: torch.Tensor  # (S, SEG_COLS): token start, N_s, output start, K_s, m_s (fps.SEG_*)
+    fps_blk: torch.Tensor  # (NBT, 2): segment, local start of each FPS token block
+    fps_seg_blk: torch.Tensor  # (S, 2): first FPS block, block count
+    residual_blk: torch.Tensor  # (residual blocks, 2)
+    merge_blk: torch.Tensor  # (merge blocks, 2)
+    row_ids: torch.Tensor  # (R + 1,): 0..R, the CSR row boundaries searched for
+    ready: torch.cuda.Event | None  # recorded after the copy (CUDA only)
 
 
-@functools.lru_cache(maxsize=64)
-def _block_tables(
-    seqlens: tuple[int, ...], block: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _host_blocks(lengths: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token blocks of ``block`` tokens for a 1-D grid, segments in order, blocks ascending.
 
-    Returns ``blk (NBT, 2)`` int64 (segment, local start) and ``seg_blk (S, 2)`` int64 (first
-    block, block count). Empty segments own no block.
+    Returns ``blk (NBT, 2)`` (segment, local start) and ``seg_blk (S, 2)`` (first block, block
+    count), int64 on the host. Empty segments own no block.
     """
-    lengths = torch.tensor(seqlens, dtype=torch.int64)
     counts = (lengths + block - 1) // block
     first = torch.cumsum(counts, 0) - counts
     total = int(counts.sum())
-    seg = torch.repeat_interleave(torch.arange(len(seqlens)), counts, output_size=total)
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), counts, output_size=total)
     local = (torch.arange(total) - first[seg]) * block
-    blk = torch.stack([seg, local], dim=1)
-    return blk.to(device), torch.stack([first, counts], dim=1).to(device)
+    return torch.stack([seg, local], dim=1), torch.stack([first, counts], dim=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(
+    seqlens: tuple[int, ...],
+    keeps: tuple[int, ...],
+    num_basis: int,
+    blocks: tuple[int, int, int],
+    device: torch.device,
+) -> _Tables:
+    """All host-built tables of one call shape, copied to ``device`` in one transfer.
+
+    ``blocks`` = (fps_n, residual_n, merge_n). On CUDA the buffer is staged in pinned memory and
+    copied with ``non_blocking=True``: no host sync (a pageable copy would wait for all queued
+    work on the stream); the caching host allocator keeps the staging block until the copy is
+    done. Every later eager caller makes its own stream wait for ``ready`` (the copy went to the
+    stream current at the first call), which costs no host sync either.
+    """
+    if _capturing(device):
+        raise RuntimeError(
+            "apet triton backend: CUDA-graph capture of a call shape that has not run eagerly "
+            f"(seqlens {list(seqlens)[:8]}..., keep {list(keeps)[:8]}...): run it once before "
+            "capturing (the usual warm-up), so that its host-built tables are cached"
+        )
+    lengths = torch.tensor(seqlens, dtype=torch.int64)
+    k = torch.tensor(keeps, dtype=torch.int64)
+    seg = torch.stack(
+        [torch.cumsum(lengths, 0) - lengths, lengths, torch.cumsum(k, 0) - k, k,
+         k.clamp(max=num_basis)], dim=1,
+    )  # fmt: skip
+    assert seg.shape[1] == SEG_COLS.value
+    fps_blk, fps_seg_blk = _host_blocks(lengths, blocks[0])
+    residual_blk, _ = _host_blocks(lengths, blocks[1])
+    merge_blk, _ = _host_blocks(lengths, blocks[2])
+    parts = [seg, fps_blk, fps_seg_blk, residual_blk, merge_blk, torch.arange(int(k.sum()) + 1)]
+    host = torch.cat([p.reshape(-1) for p in parts])
+    ready = None
+    if device.type == "cuda":
+        flat = host.pin_memory().to(device, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    else:
+        flat = host.to(device)
+    views, offset = [], 0
+    for p in parts:
+        views.append(flat[offset : offset + p.numel()].view(p.shape))
+        offset += p.numel()
+    return _Tables(*views, ready=ready)
+
+
+# Tables that a captured CUDA graph reads on replay: never freed (see the module docstring).
+_CAPTURED: dict[tuple, _Tables] = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _cached_tables(
+    seqlens: list[int], keeps: list[int], num_basis: int, cfg: _Config, device: torch.device
+) -> _Tables:
+    key = (tuple(seqlens), tuple(keeps), num_basis, (cfg.fps_n, cfg.residual_n, cfg.merge_n),
+           device)  # fmt: skip
+    tables = _tables(*key)
+    if _capturing(device):
+        _CAPTURED.setdefault(key, tables)
+    elif tables.ready is not None:
+        torch.cuda.current_stream(device).wait_event(tables.ready)
+    return tables
 
 
 def _offsets_fit_int32(n_max: int, stride_n: int, D: int, stride_d: int) -> bool:
     """Whether every element offset inside one segment fits int32 (the kernels' ``OFF32``)."""
     return n_max * abs(stride_n) + D * abs(stride_d) < 2**31
-
-
-@functools.lru_cache(maxsize=64)
-def _row_ids(rows: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(rows + 1, device=device)
 
 
 def run(
@@ -200,13 +290,20 @@ def _run(
     n_max, k_max = max(seqlens), max(keeps)
     m_host = [min(num_basis, k) for k in keeps]
     m_max = max(m_host)
-    cfg = _config(x, n_max, k_max, S, T)
-    seg = _segment_table(tuple(seqlens), tuple(keeps), num_basis, dev)
+    if m_max > MAX_BASIS:
+        raise ValueError(
+            f"num_basis: the triton backend supports at most {MAX_BASIS} basis tokens per "
+            f"segment (min(num_basis, keep)), got num_basis={num_basis} with keep up to {k_max}; "
+            "use backend='cuda' or backend='torch'"
+        )
+    cfg = _config(x, n_max, k_max, m_max, S, T)
+    tables = _cached_tables(seqlens, keeps, num_basis, cfg, dev)
+    seg = tables.seg
     strides = (n_div, stride_s, stride_n, stride_d)
     off32 = _offsets_fit_int32(n_max, stride_n, D, stride_d)
 
     # fps: means, then m_max + 1 step launches (the last one only finishes dot products).
-    blk, seg_blk = _block_tables(tuple(seqlens), cfg.fps_n, dev)
+    blk, seg_blk = tables.fps_blk, tables.fps_seg_blk
     nbt = blk.shape[0]
     nc = cfg.fps_chunks
     f32 = dict(dtype=torch.float32, device=dev)
@@ -230,26 +327,25 @@ def _run(
         )  # fmt: skip
 
     # residual: only segments that keep more than their basis need errors.
-    mp = _pow2(m_max, 2, 1 << 30)
     key = torch.empty(T, dtype=torch.int32, device=dev)
     if any(k > m for k, m in zip(keeps, m_host, strict=True)):
-        rblk, _ = _block_tables(tuple(seqlens), cfg.residual_n, dev)
+        rblk = tables.residual_blk
         residual_kernel[(rblk.shape[0],)](
             seg, rblk, sqnorm, dots, basis, key, float(ridge), T, m_max,
-            MP=mp, BLOCK_N=cfg.residual_n, num_warps=4,
+            MP=_basis_tile(m_max), BLOCK_N=cfg.residual_n, num_warps=cfg.residual_warps,
         )  # fmt: skip
 
     # select: kept (ascending) and each kept token's own slot; dropped tokens get -1.
     select_kernel[(S,)](
         seg, key, basis, kept, assign, m_max,
-        LOCAL=dense, MP=mp, BLOCK=cfg.select_block, num_warps=cfg.select_warps,
+        LOCAL=dense, BLOCK=cfg.select_block, num_warps=cfg.select_warps,
     )  # fmt: skip
 
     # merge: assignment GEMM + argmax, then the CSR mean (or a gather without merging).
     upcast = x.device.type != "cuda" or x.dtype == torch.float32
     perm = row_start = kept  # unused placeholders when not merging
     if merge:
-        mblk, _ = _block_tables(tuple(seqlens), cfg.merge_n, dev)
+        mblk = tables.merge_blk
         merge_assign_kernel[(mblk.shape[0],)](
             x, seg, mblk, sqnorm, kept, assign, *strides, D,
             LOCAL=dense, UPCAST=upcast, OFF32=off32, BLOCK_N=cfg.merge_n, BLOCK_K=cfg.merge_k,
@@ -260,7 +356,7 @@ def _run(
             slots = (assign.view(S, -1) + seg[:, SEG_OUT.value, None]).view(-1)
         # Stable: members of a row stay in token order, so the fp32 sum order is fixed.
         sorted_slots, perm = torch.sort(slots, stable=True)
-        row_start = torch.searchsorted(sorted_slots, _row_ids(R, dev))
+        row_start = torch.searchsorted(sorted_slots, tables.row_ids)
     merge_mean_kernel[(R, triton.cdiv(D, cfg.row_d))](
         x, out, perm, row_start, kept, *strides, D, k_max,
         MERGE=merge, LOCAL=dense, BLOCK_M=cfg.row_m, BLOCK_D=cfg.row_d, num_warps=4,

@@ -73,16 +73,17 @@ def merge_assign_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_mask = d < D
-            v = tl.load(x_seg + v_off[:, None] + d[None, :] * stride_d,
+            d_off = local_offset(d, stride_d, OFF32)
+            v = tl.load(x_seg + v_off[:, None] + d_off[None, :],
                         mask=drop[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
-            w = tl.load(x_seg + w_off[None, :] + d[:, None] * stride_d,
+            w = tl.load(x_seg + w_off[None, :] + d_off[:, None],
                         mask=j_mask[None, :] & d_mask[:, None], other=0.0)  # fmt: skip
             if UPCAST:
                 acc = tl.dot(v.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(v, w, acc)
         denom = v_norm[:, None] * w_norm[None, :]
-        cos = acc / tl.where(denom > COS_EPS, denom, COS_EPS)
+        cos = tl.div_rn(acc, tl.where(denom > COS_EPS, denom, COS_EPS))  # IEEE, as interpreted
         cos = tl.where(cos != cos, float("-inf"), cos)  # NaN ranks as -inf (reference policy)
         cos = tl.where(j_mask[None, :], cos, float("-inf"))
         c_best = tl.max(cos, axis=1)
@@ -113,6 +114,7 @@ def merge_mean_kernel(
     j = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
+    d_off = d.to(tl.int64) * stride_d  # rows are int64 offsets anyway; d * stride_d may pass 2**31
     out_ptrs = out_ptr + j * D + d
     if MERGE:
         lo = tl.load(row_start_ptr + j)
@@ -123,7 +125,7 @@ def merge_mean_kernel(
             p_mask = p < hi
             g = tl.load(perm_ptr + p, mask=p_mask, other=0)
             rows = row_offset(g, n_div, stride_s, stride_n)
-            v = tl.load(x_ptr + rows[:, None] + d[None, :] * stride_d,
+            v = tl.load(x_ptr + rows[:, None] + d_off[None, :],
                         mask=p_mask[:, None] & d_mask[None, :], other=-0.0)  # fmt: skip
             acc += tl.sum(v.to(tl.float32), axis=0)
         mean = tl.div_rn(acc, tl.maximum(hi - lo, 1).to(tl.float32))
@@ -133,4 +135,4 @@ def merge_mean_kernel(
         if LOCAL:
             g += (j // K_DENSE) * n_div
         row = row_offset(g, n_div, stride_s, stride_n)
-        tl.store(out_ptrs, tl.load(x_ptr + row + d * stride_d, mask=d_mask), mask=d_mask)
+        tl.store(out_ptrs, tl.load(x_ptr + row + d_off, mask=d_mask), mask=d_mask)

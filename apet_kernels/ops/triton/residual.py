@@ -10,6 +10,12 @@ share it), then solves for its tokens with one forward and one backward substitu
 clamped at 0 and stored as a *selection key*: the fp32 bit pattern of the error viewed as int32,
 which orders like the float for values >= 0 (NaN maps to +inf, the reference's ranking; basis
 tokens get -1 so they never rank). The select stage thresholds these keys directly.
+
+The factor and substitution loops run ``m_s`` times at run time over ``(MP, MP)`` and
+``(BLOCK_N, MP)`` register tiles (MP = m_max rounded up to a power of two); slots ``>= m_s``
+stay zero and take no part. They are deliberately not unrolled: unrolled over MP, the kernel took
+611 s to compile for sm_90 at MP = 64 (num_basis 33..64). Divisions are IEEE (``div_rn``) so
+the compiled kernel rounds like the interpreter (fp32 ``/`` lowers to ``div.full.f32``, 2 ulp).
 """
 
 from __future__ import annotations
@@ -33,22 +39,23 @@ def _pick(mat, r, j, axis: tl.constexpr):
 
 
 @triton.jit
-def _cholesky(a, floor, MP: tl.constexpr):
-    """Lower Cholesky factor of the SPD ``a (MP, MP)`` (right-looking, in registers).
+def _cholesky(a, m, floor, MP: tl.constexpr):
+    """Lower Cholesky factor of the leading ``m x m`` block of the SPD ``a (MP, MP)``
+    (right-looking, in registers); rows and columns ``>= m`` of the factor are zero.
 
     A pivot of ``G + λI`` with G PSD is mathematically ``>= λ``; fp32 rounding on rank-deficient
-    bases (duplicate tokens) can push it below, so it is clamped at ``floor`` (λ on real slots,
-    1 on the identity padding), which keeps L finite and well scaled.
+    bases (duplicate tokens) can push it below, so it is clamped at ``floor`` (= λ), which keeps
+    L finite and well scaled. The clamp is a compare-and-select, not ``tl.maximum``, so a NaN
+    pivot stays NaN on the GPU too (PTX ``max.f32`` would drop it).
     """
     r = tl.arange(0, MP)
     lower = tl.zeros([MP, MP], dtype=tl.float32)
-    for j in tl.static_range(MP):
+    for j in range(m):
         col = _pick(a, r, j, 1)
         piv = tl.sum(tl.where(r == j, col, 0.0), axis=0)
-        low = tl.sum(tl.where(r == j, floor, 0.0), axis=0)
-        piv = tl.where(piv < low, low, piv)
+        piv = tl.where(piv < floor, floor, piv)
         d = tl.sqrt_rn(piv)
-        lcol = tl.where(r > j, col / d, 0.0)
+        lcol = tl.where(r > j, tl.div_rn(col, d), 0.0)
         lcol = tl.where(r == j, d, lcol)
         lower = tl.where(r[None, :] == j, lcol[:, None], lower)
         a = a - lcol[:, None] * lcol[None, :]  # Schur complement: only entries > j are used later
@@ -64,8 +71,8 @@ def residual_kernel(
     """Selection keys ``key (T,)`` int32 over a 1-D grid of token blocks.
 
     Segments with ``K_s <= m_s`` keep only their basis: they skip the solve and their keys are
-    never read. Slots ``t >= m_s`` (segments with fewer basis tokens than MP) are an identity
-    block with zero right-hand side, so they solve to 0 and change nothing.
+    never read. Slots ``t >= m_s`` (segments with fewer basis tokens than MP) hold zeros in the
+    factor and the solution, so they change nothing.
     """
     pid = tl.program_id(0).to(tl.int64)
     s = tl.load(blk_ptr + pid * 2)
@@ -73,7 +80,7 @@ def residual_kernel(
     tok0 = tl.load(seg_ptr + s * SEG_COLS + SEG_TOK)
     n_s = tl.load(seg_ptr + s * SEG_COLS + SEG_LEN).to(tl.int32)
     k_s = tl.load(seg_ptr + s * SEG_COLS + SEG_KEEP)
-    m_s = tl.load(seg_ptr + s * SEG_COLS + SEG_M)
+    m_s = tl.load(seg_ptr + s * SEG_COLS + SEG_M).to(tl.int32)
     if k_s <= m_s:
         return
     r = tl.arange(0, MP)
@@ -86,27 +93,26 @@ def residual_kernel(
     gram = tl.load(dots_ptr + col[None, :] + (tok0 + basis)[:, None], mask=pair, other=0.0)
     gram = 0.5 * (gram + tl.trans(gram))
     trace = tl.sum(tl.sum(tl.where(r[:, None] == r[None, :], gram, 0.0), axis=1), axis=0)
-    lam = ridge * trace / m_s.to(tl.float32) + FLT_MIN
-    diag = tl.where(r_valid, lam, 1.0)
-    system = gram + tl.where(r[:, None] == r[None, :], diag[:, None], 0.0)
-    lower = _cholesky(system, diag, MP)
+    lam = tl.div_rn(ridge * trace, m_s.to(tl.float32)) + FLT_MIN
+    system = gram + tl.where((r[:, None] == r[None, :]) & pair, lam, 0.0)
+    lower = _cholesky(system, m_s, lam, MP)
 
     i = local0 + tl.arange(0, BLOCK_N)
     i_mask = i < n_s
     c = tl.load(dots_ptr + col[None, :] + (tok0 + i)[:, None],
                 mask=i_mask[:, None] & r_valid[None, :], other=0.0)  # fmt: skip
     y = tl.zeros([BLOCK_N, MP], dtype=tl.float32)
-    for j in tl.static_range(MP):  # forward: L y = c
+    for j in range(m_s):  # forward: L y = c
         lrow = _pick(lower, r, j, 0)
         ljj = tl.sum(tl.where(r == j, lrow, 0.0), axis=0)
-        yj = (_pick(c, r, j, 1) - tl.sum(y * lrow[None, :], axis=1)) / ljj
+        yj = tl.div_rn(_pick(c, r, j, 1) - tl.sum(y * lrow[None, :], axis=1), ljj)
         y = tl.where(r[None, :] == j, yj[:, None], y)
     z = tl.zeros([BLOCK_N, MP], dtype=tl.float32)
-    for jj in tl.static_range(MP):  # backward: Lᵀ α = y
-        j = MP - 1 - jj
+    for jj in range(m_s):  # backward: Lᵀ α = y
+        j = m_s - 1 - jj
         lcol = _pick(lower, r, j, 1)
         ljj = tl.sum(tl.where(r == j, lcol, 0.0), axis=0)
-        zj = (_pick(y, r, j, 1) - tl.sum(z * lcol[None, :], axis=1)) / ljj
+        zj = tl.div_rn(_pick(y, r, j, 1) - tl.sum(z * lcol[None, :], axis=1), ljj)
         z = tl.where(r[None, :] == j, zj[:, None], z)
     sqnorm = tl.load(sqnorm_ptr + tok0 + i, mask=i_mask, other=0.0)
     err2 = sqnorm - tl.sum(y * y, axis=1) - lam * tl.sum(z * z, axis=1)

@@ -40,7 +40,7 @@ def _count_at_least(key_ptr, tok0, n_s, first_keys, thr, BLOCK: tl.constexpr):
 @triton.jit
 def select_kernel(
     seg_ptr, key_ptr, basis_ptr, kept_ptr, assign_ptr, M_MAX,
-    LOCAL: tl.constexpr, MP: tl.constexpr, BLOCK: tl.constexpr,
+    LOCAL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Writes ``kept`` (ΣK_s,) int64 ascending and ``assign`` (T,) int64 (own slot or -1).
 
@@ -53,7 +53,7 @@ def select_kernel(
     n_s = tl.load(seg_ptr + s * SEG_COLS + SEG_LEN).to(tl.int32)
     out0 = tl.load(seg_ptr + s * SEG_COLS + SEG_OUT)
     k_s = tl.load(seg_ptr + s * SEG_COLS + SEG_KEEP)
-    m_s = tl.load(seg_ptr + s * SEG_COLS + SEG_M)
+    m_s = tl.load(seg_ptr + s * SEG_COLS + SEG_M).to(tl.int32)
     if n_s == 0:
         return
     ranked = k_s - m_s  # tokens chosen by error (0 when K_s <= M)
@@ -79,9 +79,8 @@ def select_kernel(
         i = (n0 + lane).to(tl.int32)
         i_mask = i < n_s
         is_basis = tl.zeros([BLOCK], dtype=tl.int1)
-        for t in tl.static_range(MP):
-            b = tl.load(basis_ptr + s * M_MAX + t, mask=t < m_s, other=-1).to(tl.int32)
-            is_basis = is_basis | (i == b)
+        for t in range(m_s):  # a run-time loop: unrolling it over m_max bloats the kernel
+            is_basis = is_basis | (i == tl.load(basis_ptr + s * M_MAX + t).to(tl.int32))
         keys = tl.load(key_ptr + tok0 + i, mask=i < n_keys, other=-1)
         tie = (keys == tau).to(tl.int32)
         tie_rank = ties_before + tl.cumsum(tie, axis=0) - tie
