@@ -9,6 +9,8 @@ CUDA-graph capture and torch.compile.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from backend_checks import (
@@ -43,6 +45,10 @@ def kernel_backend(request) -> str:
 def _require(name: str) -> str:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter also accepts CUDA tensors (it copies them to the host), so every test
+        # would pass without one compiled kernel running: refuse instead of skipping quietly.
+        pytest.fail("TRITON_INTERPRET=1 is set: unset it so that the compiled kernels run")
     reason = dispatch.unavailable_reason(name, torch.empty(0, device="cuda", dtype=torch.float16))
     if reason is not None:
         pytest.skip(f"{name} backend unavailable: {reason}")
@@ -72,12 +78,17 @@ def test_varlen_matches_oracle(backend, dtype):
 
 
 @pytest.mark.parametrize(
-    ("N", "K", "M", "merge"),
-    [(57, 57, 10, True), (57, 5, 10, True), (57, 1, 10, True), (1, 1, 10, True),
-     (200, 50, 10, False), (200, 120, 1, True), (300, 200, 40, True)],
+    ("N", "K", "M", "merge", "D"),
+    [(57, 57, 10, True, 32), (57, 5, 10, True, 32), (57, 1, 10, True, 32), (1, 1, 10, True, 32),
+     (200, 50, 10, False, 32), (200, 120, 1, True, 32), (300, 200, 40, True, 64),
+     (300, 250, 128, True, 192)],
 )  # fmt: skip
-def test_edge_cases(backend, N, K, M, merge):
-    x = gaussian(2, N, 32, seed=9, dtype=torch.float16)
+def test_edge_cases(backend, N, K, M, merge, D):
+    # Large bases keep M < D: with M > D the basis is rank-deficient, every error is ridge
+    # residue and fp32 cannot rank them like the float64 oracle (measured at M = 40, D = 32: the
+    # errors' fp32 relative error is ~1, and the Triton interpreter disagrees with the oracle).
+    # M = 128 is the Triton backend's largest basis (MP = 128 residual tiles).
+    x = gaussian(2, N, D, seed=9, dtype=torch.float16)
     got = dense(x, K, backend, num_basis=M, merge=merge)
     assert_matches(got, oracle_dense(x, K, num_basis=M, merge=merge), torch.float16)
     if K == N:
@@ -114,6 +125,13 @@ def test_deterministic(backend):
     for _ in range(3):
         again = dense(x, 64, backend)
         assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    # A long segment: many token blocks whose FPS partials every program re-reduces.
+    seqlens, keeps = [8192, 0, 577, 33], [512, 0, 64, 33]
+    xv = gaussian(sum(seqlens), 128, seed=22, dtype=torch.float16).cuda()
+    first = varlen(xv, seqlens, keeps, backend)
+    for _ in range(3):
+        again = varlen(xv, seqlens, keeps, backend)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
 @pytest.mark.parametrize("layout", ["dense", "varlen"])
@@ -147,6 +165,40 @@ def _check_graph_capture(backend: str, layout: str) -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(eager, captured, strict=True))
+    # Replay must read x anew (no data baked into the graph) and the host-built tables the graph
+    # reads must outlive any host-side cache: push more call shapes through than a cache holds,
+    # fill the freed memory with junk, then replay on new data.
+    for n in range(100):
+        varlen(x.view(400, 32), [100 + n, 300 - n], [20, 30], kernel_backend)
+    junk = [torch.full((512,), 2**40, dtype=torch.int64, device="cuda") for _ in range(2000)]
+    x.copy_(gaussian(2, 200, 32, seed=23).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    del junk
+    assert all(torch.equal(a, b) for a, b in zip(call(), captured, strict=True))
+
+
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+def test_offsets_past_int32(backend, layout):
+    """T * D > 2**31 elements (4.3 GB of fp16): int64 offsets end to end. ``rows``: contiguous
+    (T, D), in-segment offsets fit int32 but segment bases do not; ``transposed``: a (D, T)
+    buffer viewed as (T, D), so ``stride_d = T`` and ``d * stride_d`` passes 2**31 too. The
+    tail segment (spread tokens, so no near-ties) is checked against the float64 oracle."""
+    D, tail = 4096, 577
+    seqlens = [2**18, 2**18, tail] if layout == "rows" else [2**19, tail]
+    keeps = [64] * (len(seqlens) - 1) + [96]
+    T, t0, r0 = sum(seqlens), sum(seqlens) - tail, sum(keeps) - keeps[-1]
+    gen = torch.Generator(device="cuda").manual_seed(16)
+    shape = (T, D) if layout == "rows" else (D, T)
+    x = torch.randn(shape, generator=gen, device="cuda", dtype=torch.float16)
+    x = x if layout == "rows" else x.t()
+    tail_x = spread(1, tail, D, seed=16, dtype=torch.float16)[0].cuda()
+    x[t0:] = tail_x
+    out, kept, assign = varlen(x, seqlens, keeps, backend)
+    assert_valid_indices(kept, assign, seqlens, keeps)
+    got = (out[r0:][None], (kept[r0:] - t0)[None], (assign[t0:] - r0)[None])
+    want = apet_kernels.compress(tail_x[None].double(), keeps[-1], backend="torch")
+    assert_consistent(got, tail_x[None], tuple(want), torch.float16)
 
 
 def test_torch_compile_fullgraph(backend):
