@@ -280,7 +280,8 @@ def test_feature_offsets_past_int32(merge):
 @needs_interpreter
 def test_large_basis_gpu_blocks(gpu_blocks):
     # M = 40: MP = 64, the residual's 64-token, 8-warp GPU tiles and its run-time factor and
-    # substitution loops (unrolled over MP, this kernel took 611 s to compile for sm_90).
+    # substitution loops (unrolled over MP, this kernel took 611 s to compile for sm_90 on a
+    # 2-core CPU).
     x = gaussian(1, 150, 48, seed=20)
     want = reference.compress_dense(x.double(), 60, 40, 1e-4, True)
     assert_matches(triton_dense(x, 60, num_basis=40), want, x.dtype)
@@ -357,7 +358,7 @@ def test_kernels_compile_for_sm90():
     """Lower every kernel variant the launcher can pick to an sm_90 cubin (frontend, layouts,
     ptxas) in a subprocess without the interpreter, and check each fits an H100 block's shared
     memory; no GPU is needed. The timeout also guards compile time (the residual kernel once
-    took 611 s at MP = 64)."""
+    took 611 s at MP = 64 on a 2-core CPU)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
