@@ -17,9 +17,11 @@ detaches): a loss reaches the decoder, the text embeddings and the LLaVA project
 vision stage, and the visual tokens compressed at ``layer`` pass no gradient back before it.
 
 The KV cache is shorter than the sequence ``generate`` tracks, so what sizes its inputs by the
-cache length raises instead of feeding the wrong tokens: continuing ``generate`` from a returned
-cache, assisted decoding. A manual decode loop that feeds several tokens at once passes the
-full (uncompressed) attention mask.
+cache length (continuing ``generate`` from a returned cache, assisted decoding) is not supported:
+decode steps check the cache lengths against the attention mask and refuse several tokens at
+once without one, so these raise rather than feed the wrong tokens. A manual decode loop that
+feeds several tokens at once passes the full (uncompressed) attention mask. Beam search and
+``num_return_sequences`` work: each copy of a row gets that row's images.
 
 Example:
     >>> from apet_kernels.integrations import apply_apet, last_selection
