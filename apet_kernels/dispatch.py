@@ -90,9 +90,15 @@ def explain(backend: str, x: torch.Tensor) -> str:
 def backends(device: str | torch.device = "cpu") -> dict[str, str]:
     """Availability of every backend for a float16 tensor on ``device``: "available" or the
     reason it is not. ``apet_kernels.backends("cuda")`` asks about the GPU path."""
-    probe = torch.empty(0, device="meta", dtype=torch.float16)
-    probe = _DeviceProbe(probe, torch.device(device))
-    return {name: unavailable_reason(name, probe) or "available" for name in BACKEND_MODULES}
+    device = torch.device(device)
+    probe = _DeviceProbe(torch.empty(0, device="meta", dtype=torch.float16), device)
+    # Backends judge tensors that exist; a probe can name a device this machine lacks.
+    missing = None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        missing = f"no CUDA device (torch {torch.__version__}, torch.cuda.is_available() is False)"
+    return {
+        name: unavailable_reason(name, probe) or missing or "available" for name in BACKEND_MODULES
+    }
 
 
 class _DeviceProbe:

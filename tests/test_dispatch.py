@@ -42,4 +42,6 @@ def test_backends_report():
     assert report["torch"] == "available"
     assert all(isinstance(v, str) and v for v in report.values())
     if not torch.cuda.is_available():
-        assert report["cuda"] != "available"
+        on_gpu = apet_kernels.backends("cuda")
+        assert all(reason != "available" for reason in on_gpu.values()), on_gpu
+        assert "no CUDA device" in on_gpu["torch"]
