@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import runpy
 import shutil
 import sys
 from pathlib import Path
@@ -23,7 +24,9 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_ARCHS = "8.0;9.0+PTX"
+# Loaded by path: the package itself imports torch, which a build environment may lack.
+_ARCHS = runpy.run_path(str(ROOT / "apet_kernels" / "ops" / "cuda_archs.py"))
+DEFAULT_ARCHS, _gencode = _ARCHS["DEFAULT_ARCHS"], _ARCHS["gencode_flags"]
 
 
 def _nvcc() -> str | None:
@@ -42,19 +45,6 @@ def _torch_cuda_problem() -> str | None:
     if not any(lib.glob("libtorch_cuda*")):
         return "the installed torch is not a CUDA build"
     return None
-
-
-def _gencode(archs: str) -> list[str]:
-    flags = []
-    for arch in archs.replace(",", ";").split(";"):
-        arch = arch.strip()
-        if not arch:
-            continue
-        number = arch.removesuffix("+PTX").replace(".", "")
-        flags += ["-gencode", f"arch=compute_{number},code=sm_{number}"]
-        if arch.endswith("+PTX"):
-            flags += ["-gencode", f"arch=compute_{number},code=compute_{number}"]
-    return flags
 
 
 def cuda_extension() -> dict:

@@ -187,29 +187,19 @@ def variants(arch: models.Arch, model, cfg: E2EConfig) -> list[Variant]:
     full = arch.visual_tokens
     found = [Variant("vanilla", "all", "sdpa", full, full)]
     if cfg.device.type == "cuda":
-        if importlib.util.find_spec("flash_attn") is not None:
-            found.append(
-                Variant(
-                    "vanilla",
-                    "all",
-                    "flash_attention_2",
-                    full,
-                    full,
-                    setup=lambda m: m.set_attn_implementation("flash_attention_2"),
-                    teardown=lambda m: m.set_attn_implementation("sdpa"),
-                )
+        has_flash = importlib.util.find_spec("flash_attn") is not None
+        found.append(
+            Variant(
+                "vanilla",
+                "all",
+                "flash_attention_2",
+                full,
+                full,
+                setup=lambda m: m.set_attn_implementation("flash_attention_2"),
+                teardown=lambda m: m.set_attn_implementation("sdpa"),
+                skip_reason=None if has_flash else "flash_attn is not installed",
             )
-        else:
-            found.append(
-                Variant(
-                    "vanilla",
-                    "all",
-                    "flash_attention_2",
-                    full,
-                    full,
-                    skip_reason="flash_attn is not installed",
-                )
-            )
+        )
     shims, reason = load_shims()
     tightest = None
     if shims is None:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .cuda_archs import gencode_flags
+
 JIT_ENV = "APET_CUDA_JIT"
 ARCHS_ENV = "APET_CUDA_ARCHS"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -34,21 +36,6 @@ _BUILD_HINT = (
     "build it with `APET_BUILD_CUDA=1 pip install -e . --no-build-isolation` (nvcc and a CUDA "
     f"build of torch needed), or set {JIT_ENV}=1 to compile csrc/ on first use"
 )
-
-
-def gencode_flags(archs: str) -> list[str]:
-    """nvcc flags for ``"8.0;9.0"``-style architecture lists (``"9.0a"`` and ``"+PTX"`` too)."""
-    flags = []
-    for arch in archs.replace(",", ";").split(";"):
-        arch = arch.strip()
-        if not arch:
-            continue
-        ptx = arch.endswith("+PTX")
-        number = arch.removesuffix("+PTX").replace(".", "")
-        flags += ["-gencode", f"arch=compute_{number},code=sm_{number}"]
-        if ptx:
-            flags += ["-gencode", f"arch=compute_{number},code=compute_{number}"]
-    return flags
 
 
 def _registered() -> str | None:
