@@ -53,7 +53,8 @@ def _compress_impl(
     check_backend(backend)
     if x.shape[0] == 0:
         return _empty_dense(x, keep)
-    return dispatch.resolve(backend, x).compress_dense(x, keep, num_basis, ridge, merge)
+    module = dispatch.resolve(backend, x, basis=min(num_basis, keep))
+    return module.compress_dense(x, keep, num_basis, ridge, merge)
 
 
 def _compress_varlen_impl(
@@ -69,7 +70,7 @@ def _compress_varlen_impl(
     check_backend(backend)
     if x.shape[0] == 0:
         return _empty_varlen(x, keep)
-    module = dispatch.resolve(backend, x)
+    module = dispatch.resolve(backend, x, basis=min(num_basis, max(keep)))
     return module.compress_varlen(x, list(seqlens), list(keep), num_basis, ridge, merge)
 
 

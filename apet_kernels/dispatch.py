@@ -8,6 +8,8 @@ A backend is a module with three functions:
     ``compress_dense(x (S, N, D), keep, num_basis, ridge, merge)``;
     ``compress_varlen(x (T, D), seqlens, keeps, num_basis, ridge, merge)``;
 the last two take validated arguments and return ``(out, kept, assign)`` as SPEC.md defines.
+A backend whose kernels cap the basis size exposes ``MAX_BASIS`` (the largest m_s = min(M, K_s)
+it runs); auto then skips it for larger bases instead of failing.
 Backend modules are imported on first use, so ``import apet_kernels`` touches no CUDA or triton.
 """
 
@@ -38,13 +40,21 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
     return module, None
 
 
-def unavailable_reason(name: str, x: torch.Tensor) -> str | None:
-    """Why backend ``name`` cannot run on ``x`` (None when it can)."""
+def unavailable_reason(name: str, x: torch.Tensor, basis: int | None = None) -> str | None:
+    """Why backend ``name`` cannot run on ``x`` (None when it can); ``basis`` is the call's
+    largest m_s = min(num_basis, K_s), when known."""
     module, reason = _load(name)
     if module is None:
         return reason
     check = getattr(module, "unavailable_reason", None)
-    return check(x) if check is not None else None
+    reason = check(x) if check is not None else None
+    limit = getattr(module, "MAX_BASIS", None)
+    if reason is None and basis is not None and limit is not None and basis > limit:
+        reason = (
+            f"num_basis: it runs at most {limit} basis tokens per segment (min(num_basis, keep)), "
+            f"this call needs {basis}"
+        )
+    return reason
 
 
 def requested_backend(backend: str) -> str:
@@ -57,30 +67,31 @@ def requested_backend(backend: str) -> str:
     return name
 
 
-def resolve(backend: str, x: torch.Tensor) -> ModuleType:
-    """The backend module that will run ``x`` (see the module docstring for the order)."""
+def resolve(backend: str, x: torch.Tensor, basis: int | None = None) -> ModuleType:
+    """The backend module that will run ``x`` (see the module docstring for the order);
+    ``basis``: the call's largest min(num_basis, K_s)."""
     name = requested_backend(backend)
     if name != "auto":
-        reason = unavailable_reason(name, x)
+        reason = unavailable_reason(name, x, basis)
         if reason is not None:
             raise RuntimeError(f"backend {name!r} cannot run on this input: {reason}")
         return _load(name)[0]
     reasons = []
     for candidate in AUTO_ORDER.get(x.device.type, ("torch",)):
-        reason = unavailable_reason(candidate, x)
+        reason = unavailable_reason(candidate, x, basis)
         if reason is None:
             return _load(candidate)[0]
         reasons.append(f"{candidate}: {reason}")
     raise RuntimeError("no backend can run on this input: " + "; ".join(reasons))
 
 
-def explain(backend: str, x: torch.Tensor) -> str:
+def explain(backend: str, x: torch.Tensor, basis: int | None = None) -> str:
     """Which backend auto (or ``backend``) would pick for ``x``, and why the others were skipped."""
     name = requested_backend(backend)
     candidates = (name,) if name != "auto" else AUTO_ORDER.get(x.device.type, ("torch",))
     lines = []
     for candidate in candidates:
-        reason = unavailable_reason(candidate, x)
+        reason = unavailable_reason(candidate, x, basis)
         lines.append(f"{candidate}: {'selected' if reason is None else 'skipped, ' + reason}")
         if reason is None:
             break

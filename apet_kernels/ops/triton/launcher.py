@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from . import MAX_BASIS
 from .fps import SEG_COLS, SEG_OUT, fps_mean_kernel, fps_step_kernel
 from .merge import merge_assign_kernel, merge_mean_kernel
 from .residual import residual_kernel
@@ -63,10 +64,6 @@ class _Config:
     row_d: int
 
 
-# Largest m = min(num_basis, K) the residual stage takes: its (MP, MP) register tiles need
-# 64 KB of shared memory for layout conversions at MP = 128 and 256 KB at MP = 256, more than an
-# H100 block may use (227 KB), so larger bases cannot launch (ptxas, sm_90).
-MAX_BASIS = 128
 
 
 def _basis_tile(m_max: int) -> int:
