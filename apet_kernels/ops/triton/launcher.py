@@ -64,8 +64,6 @@ class _Config:
     row_d: int
 
 
-
-
 def _basis_tile(m_max: int) -> int:
     """MP: the residual stage's basis dimension, m_max rounded up to a power of two (>= 2)."""
     return _pow2(m_max, 2, 1 << 30)
