@@ -219,12 +219,31 @@ def merge(
     return out, assign
 
 
-def _device_ints(values: list[int], device: torch.device) -> torch.Tensor:
-    """``(len(values),)`` int64 on ``device``. Equal values (every dense call) are filled on the
-    device rather than copied from the host, so the dense op can be captured in a CUDA graph."""
-    if values and all(v == values[0] for v in values):
-        return torch.full((len(values),), values[0], dtype=torch.long, device=device)
-    return torch.tensor(values, dtype=torch.long, device=device)
+def _upload(host: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host int64 tensors -> the same tensors on ``device`` in one transfer. On CUDA the buffer is
+    staged in pinned memory and copied with ``non_blocking=True``: a pageable copy would make the
+    host wait for all work queued on the stream (the caching host allocator keeps the staging
+    block until the copy is done)."""
+    flat = torch.cat([t.reshape(-1) for t in host])
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    return list(torch.split(flat, [t.numel() for t in host]))
+
+
+def _segment_ints(
+    lengths: list[int], keeps: list[int], m_host: list[int], device: torch.device
+) -> list[torch.Tensor]:
+    """``(S,)`` int64 N_s, K_s, m_s on ``device``. Equal values (every dense call) are filled on
+    the device rather than copied from the host, so the dense op can be captured in a CUDA
+    graph; ragged ones go up in one asynchronous copy."""
+    columns = (lengths, keeps, m_host)
+    if all(all(v == col[0] for v in col) for col in columns if col):
+        S = len(lengths)
+        return [torch.full((S,), col[0] if col else 0, dtype=torch.long, device=device)
+                for col in columns]  # fmt: skip
+    return _upload([torch.tensor(col, dtype=torch.long) for col in columns], device)
 
 
 def compress_padded(
@@ -254,9 +273,8 @@ def compress_padded(
     k_max = max(keeps, default=0)
     m_host = [min(num_basis, k) for k in keeps]
     m_max = max(m_host, default=0)
-    lengths_t = _device_ints(lengths, dev)
-    keeps_t = _device_ints(keeps, dev)
-    m_t = _device_ints(m_host, dev).clamp_min(1)
+    lengths_t, keeps_t, m_t = _segment_ints(lengths, keeps, m_host, dev)
+    m_t = m_t.clamp_min(1)
     valid = torch.arange(n_max, device=dev)[None, :] < lengths_t[:, None]
     if m_max == 0:  # every segment empty
         empty = torch.zeros(S, 0, dtype=torch.long, device=dev)
@@ -299,14 +317,13 @@ def compress_varlen(
     S = len(seqlens)
     n_max = max(seqlens, default=0)
     k_max = max(keeps, default=0)
-    token_flat, starts = _packed_positions(seqlens, n_max)
-    out_flat, out_starts = _packed_positions(keeps, k_max)
-    token_flat, out_flat = token_flat.to(dev), out_flat.to(dev)
+    host = [*_packed_positions(seqlens, n_max), *_packed_positions(keeps, k_max)]
+    token_flat, starts, out_flat, out_starts = _upload(host, dev)
     padded = x.new_zeros(S * n_max, D).index_copy_(0, token_flat, x).view(S, n_max, D)
     out, kept, assign = compress_padded(padded, seqlens, keeps, num_basis, ridge, merge)
     packed_out = out.reshape(S * k_max, D).index_select(0, out_flat)
-    packed_kept = (kept + starts.to(dev)[:, None]).reshape(-1).index_select(0, out_flat)
-    global_assign = torch.where(assign >= 0, assign + out_starts.to(dev)[:, None], assign)
+    packed_kept = (kept + starts[:, None]).reshape(-1).index_select(0, out_flat)
+    global_assign = torch.where(assign >= 0, assign + out_starts[:, None], assign)
     packed_assign = global_assign.reshape(-1).index_select(0, token_flat)
     return packed_out, packed_kept, packed_assign
 

@@ -141,7 +141,8 @@ def test_cuda_graph_capture(kernel_backend, layout):
 
 def test_cuda_graph_capture_torch_dense():
     # The torch backend fills its dense index tensors on the device (no host copies); its
-    # varlen path copies host-built index tensors, so only dense is expected to capture.
+    # varlen path uploads host-built index tensors on every call (pinned, asynchronous: no host
+    # sync, but a copy a graph cannot replay), so only dense is expected to capture.
     _check_graph_capture(_require("torch"), "dense")
 
 
