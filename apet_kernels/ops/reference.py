@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .upload import upload
+
 FLT_MIN = 1.17549435e-38
 COS_EPS = 1e-12
 
@@ -219,19 +221,6 @@ def merge(
     return out, assign
 
 
-def _upload(host: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Host int64 tensors -> the same tensors on ``device`` in one transfer. On CUDA the buffer is
-    staged in pinned memory and copied with ``non_blocking=True``: a pageable copy would make the
-    host wait for all work queued on the stream (the caching host allocator keeps the staging
-    block until the copy is done)."""
-    flat = torch.cat([t.reshape(-1) for t in host])
-    if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    else:
-        flat = flat.to(device)
-    return list(torch.split(flat, [t.numel() for t in host]))
-
-
 def _segment_ints(
     lengths: list[int], keeps: list[int], m_host: list[int], device: torch.device
 ) -> list[torch.Tensor]:
@@ -243,7 +232,7 @@ def _segment_ints(
         S = len(lengths)
         return [torch.full((S,), col[0] if col else 0, dtype=torch.long, device=device)
                 for col in columns]  # fmt: skip
-    return _upload([torch.tensor(col, dtype=torch.long) for col in columns], device)
+    return upload([torch.tensor(col, dtype=torch.long) for col in columns], device)
 
 
 def compress_padded(
@@ -318,7 +307,7 @@ def compress_varlen(
     n_max = max(seqlens, default=0)
     k_max = max(keeps, default=0)
     host = [*_packed_positions(seqlens, n_max), *_packed_positions(keeps, k_max)]
-    token_flat, starts, out_flat, out_starts = _upload(host, dev)
+    token_flat, starts, out_flat, out_starts = upload(host, dev)
     padded = x.new_zeros(S * n_max, D).index_copy_(0, token_flat, x).view(S, n_max, D)
     out, kept, assign = compress_padded(padded, seqlens, keeps, num_basis, ridge, merge)
     packed_out = out.reshape(S * k_max, D).index_select(0, out_flat)

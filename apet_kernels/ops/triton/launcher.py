@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ..upload import upload
 from . import MAX_BASIS
 from .fps import SEG_COLS, SEG_OUT, fps_mean_kernel, fps_step_kernel
 from .merge import merge_assign_kernel, merge_mean_kernel
@@ -191,18 +192,11 @@ def _tables(
     residual_blk, _ = _host_blocks(lengths, blocks[1])
     merge_blk, _ = _host_blocks(lengths, blocks[2])
     parts = [seg, fps_blk, fps_seg_blk, residual_blk, merge_blk, torch.arange(int(k.sum()) + 1)]
-    host = torch.cat([p.reshape(-1) for p in parts])
+    views = upload(parts, device)
     ready = None
-    if device.type == "cuda":
-        flat = host.pin_memory().to(device, non_blocking=True)
+    if device.type == "cuda":  # the copy went to the current stream: later callers wait on it
         ready = torch.cuda.Event()
         ready.record()
-    else:
-        flat = host.to(device)
-    views, offset = [], 0
-    for p in parts:
-        views.append(flat[offset : offset + p.numel()].view(p.shape))
-        offset += p.numel()
     return _Tables(*views, ready=ready)
 
 
