@@ -1,0 +1,138 @@
+"""Tiny checkpoints and a local lmms-eval task for the harness tests (no downloads).
+
+``save_llava15(path)`` writes a LLaVA-1.5-shaped checkpoint a stock ``from_pretrained`` and
+``AutoProcessor`` load: CLIP at 336 px with 14 px patches (576 visual tokens per image after the
+CLS token is dropped, as in LLaVA-1.5), an 18-layer tiny Llama (so the paper's stage-2 layer 16
+exists), a word-level tokenizer with an ``<image>`` token and a chat template.
+``write_task(dir)`` writes a 4-sample visual QA task (YAML + parquet + utils.py) for
+``--include_path``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+HERE = Path(__file__).parent
+TASK_FILES = HERE / "task"
+IMAGE_TOKEN = "<image>"
+WORDS = (
+    "USER ASSISTANT : ? . , what color shape is the of a an this image picture answer yes no "
+    "red green blue circle square one two three word single using phrase question"
+).split()
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
+VISUAL_TOKENS = 576  # (336 / 14) ** 2
+NUM_LAYERS = 18
+CHAT_TEMPLATE = (
+    "{% for message in messages %}USER: {{ message['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _tokenizer() -> transformers.PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+
+
+def save_llava15(path: Path) -> Path:
+    """Write the tiny LLaVA-1.5 checkpoint (model, tokenizer, processor) to ``path``."""
+    tokenizer = _tokenizer()
+    vision = transformers.CLIPVisionConfig(
+        image_size=336,
+        patch_size=14,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=32,
+    )
+    text = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),  # every id decodes to a word
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = transformers.LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=VISUAL_TOKENS,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # distinct tokens, so that greedy answers are not all the same word
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(3.0)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    # The PIL image processor: the default one needs torchvision, which CPU machines lack.
+    image_processor = transformers.CLIPImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+    )
+    processor = transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+def write_task(directory: Path) -> Path:
+    """Write the local tasks ``apet_tiny_vqa`` (generate_until, 4 samples) and ``apet_tiny_ll``
+    (loglikelihood, same data) to ``directory``: YAML files, utils.py and data.parquet."""
+    import datasets
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("apet_tiny_vqa.yaml", "apet_tiny_ll.yaml", "utils.py"):
+        shutil.copy(TASK_FILES / name, directory / name)
+    colors = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
+    rows = [("red", 64, 48), ("green", 300, 200), ("blue", 336, 336), ("red", 500, 120)]
+    images, answers = [], []
+    for i, (color, w, h) in enumerate(rows):
+        image = Image.new("RGB", (w, h), colors[color])
+        image.paste((255, 255, 255), (i * 7, i * 5, i * 7 + w // 3, i * 5 + h // 3))
+        images.append(image)
+        answers.append(color)
+    data = datasets.Dataset.from_dict(
+        {
+            "question_id": list(range(len(rows))),
+            "image": images,
+            "question": ["what color is the image ?"] * len(rows),
+            "answer": answers,
+        },
+        features=datasets.Features(
+            question_id=datasets.Value("int64"),
+            image=datasets.Image(),
+            question=datasets.Value("string"),
+            answer=datasets.Value("string"),
+        ),
+    )
+    data.to_parquet(str(directory / "data.parquet"))
+    return directory
