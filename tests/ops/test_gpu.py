@@ -170,7 +170,7 @@ def _check_graph_capture(backend: str, layout: str) -> None:
     # reads must outlive any host-side cache: push more call shapes through than a cache holds,
     # fill the freed memory with junk, then replay on new data.
     for n in range(100):
-        varlen(x.view(400, 32), [100 + n, 300 - n], [20, 30], kernel_backend)
+        varlen(x.view(400, 32), [100 + n, 300 - n], [20, 30], backend)
     junk = [torch.full((512,), 2**40, dtype=torch.int64, device="cuda") for _ in range(2000)]
     x.copy_(gaussian(2, 200, 32, seed=23).cuda())
     graph.replay()
