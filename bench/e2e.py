@@ -459,8 +459,14 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_arch(arch: models.Arch, cfg: E2EConfig, log: Callable[[str], None] = print) -> list[dict]:
-    """Build one architecture and measure every variant at every batch size."""
+def run_arch(
+    arch: models.Arch,
+    cfg: E2EConfig,
+    log: Callable[[str], None] = print,
+    on_rows: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Build one architecture and measure every variant at every batch size. ``on_rows`` gets
+    each batch size's rows as soon as they are measured (the GPU plan logs them as it goes)."""
     log(f"[e2e] building {arch.name} ({arch.size}: {arch.note})")
     model = arch.build(cfg.device, cfg.dtype, "sdpa")
     found = variants(arch, model, cfg)
@@ -469,6 +475,8 @@ def run_arch(arch: models.Arch, cfg: E2EConfig, log: Callable[[str], None] = pri
         batch_rows = measure_batch(model, arch, found, batch, cfg)
         for row in batch_rows:
             log(_progress_line(row))
+        if on_rows is not None:
+            on_rows(batch_rows)
         rows += batch_rows
         _free(cfg.device)
     del model
