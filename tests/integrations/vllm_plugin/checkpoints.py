@@ -95,17 +95,17 @@ def _scaled(model):
 
 def _save(model, processor, out: Path) -> None:
     """save_pretrained, then rename CLIP's weights to the layout vLLM's loader reads:
-    transformers 5 saves ``model.vision_tower.<x>``, vLLM's CLIPVisionModel wants
-    ``model.vision_tower.vision_model.<x>`` (transformers reads both)."""
+    transformers 5 saves them as ``vision_tower.<x>``, vLLM's CLIPVisionModel wants
+    ``vision_tower.vision_model.<x>`` (transformers loads both)."""
     from safetensors.torch import load_file, save_file
 
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     path = out / "model.safetensors"
     state = load_file(path)
-    old = "model.vision_tower."
+    tower, inner = "vision_tower.", "vision_tower.vision_model."
     renamed = {
-        (old + "vision_model." + k[len(old) :] if k.startswith(old) else k): v
+        (k.replace(tower, inner, 1) if tower in k and inner not in k else k): v
         for k, v in state.items()
     }
     save_file(renamed, path, metadata={"format": "pt"})
