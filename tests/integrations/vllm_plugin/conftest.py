@@ -22,7 +22,7 @@ CACHE = ROOT / ".vllm-cache"
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 
 #: modules that start engines or import vLLM; collected only where vLLM is installed
-VLLM_MODULES = ["test_llava.py", "test_server.py", "test_qwen2_5_vl.py"]
+VLLM_MODULES = ["test_llava.py", "test_runner.py", "test_server.py", "test_qwen2_5_vl.py"]
 collect_ignore = [] if HAVE_VLLM else VLLM_MODULES
 
 sys.path.insert(0, str(HERE))
