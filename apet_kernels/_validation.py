@@ -1,21 +1,46 @@
 """Argument checks shared by the op implementations, the fake kernels and the Python wrappers.
 
 Every check runs on host metadata only (shapes, dtypes, host ints): no device sync. Errors name
-the argument and the value received, as SPEC.md requires.
+the argument and the value received, as SPEC.md requires. Checks use comparisons only (no
+``math.isfinite``), so they trace on the symbolic ints and floats of
+``torch.compile(dynamic=True)``. Python ints and floats, numpy scalars and torch's symbolic
+numbers are accepted; bools are not numbers here.
 """
 
 from __future__ import annotations
 
-import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The CUDA backend holds M in a C int; m = min(M, K) makes any larger M mean the same anyway.
+MAX_NUM_BASIS = 2**31 - 1
+# A relative ridge this large already makes α ≈ 0 (e_i within m·1e-6 of ||v_i||); larger ones
+# only risk λ = ridge · trace(G)/m overflowing float32 (ridge=1e300 made λ inf and every error
+# NaN, which silently kept the lowest indices).
+MAX_RIDGE = 1e6
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+    if isinstance(value, (bool, torch.SymBool)):
+        return False
+    return isinstance(value, (int, torch.SymInt, numbers.Integral))
+
+
+def _is_real(value: object) -> bool:
+    if isinstance(value, (bool, torch.SymBool)):
+        return False
+    return isinstance(value, (int, float, torch.SymInt, torch.SymFloat, numbers.Real))
+
+
+def is_flag(value: object) -> bool:
+    """A Python bool or a numpy bool (matched by type name: numpy is not imported)."""
+    if isinstance(value, bool):
+        return True
+    kind = type(value)
+    return kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool")
 
 
 def check_tensor(x: object, rank: int, layout: str) -> None:
@@ -32,15 +57,23 @@ def check_tensor(x: object, rank: int, layout: str) -> None:
 
 
 def check_hyper(num_basis: object, ridge: object) -> None:
-    """``num_basis`` an int >= 1 and ``ridge`` a finite float >= 0."""
+    """``num_basis`` an int in [1, MAX_NUM_BASIS] and ``ridge`` a float in [0, MAX_RIDGE]."""
     if not _is_int(num_basis):
         raise TypeError(f"num_basis must be an int, got {num_basis!r}")
-    if num_basis < 1:
-        raise ValueError(f"num_basis must be >= 1, got {num_basis}")
-    if not isinstance(ridge, (int, float)) or isinstance(ridge, bool):
+    if not 1 <= num_basis <= MAX_NUM_BASIS:
+        raise ValueError(
+            f"num_basis must satisfy 1 <= num_basis <= {MAX_NUM_BASIS}, got {num_basis}"
+        )
+    if not _is_real(ridge):
         raise TypeError(f"ridge must be a float, got {ridge!r}")
-    if not math.isfinite(ridge) or ridge < 0:
-        raise ValueError(f"ridge must be a finite float >= 0, got {ridge}")
+    if not 0 <= ridge <= MAX_RIDGE:  # also False for NaN
+        raise ValueError(f"ridge must be a finite float in [0, {MAX_RIDGE:g}], got {ridge}")
+
+
+def check_flag(value: object, name: str) -> None:
+    """``value`` must be a bool (Python or numpy): 1, None and "no" are refused."""
+    if not is_flag(value):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def check_dense(x: object, keep: object, num_basis: object, ridge: object) -> None:

@@ -1,8 +1,21 @@
 """The torch backend: the readable oracle of SPEC.md and the CPU implementation in one.
 
-Every stage is vectorized over a padded batch of segments ``(S, N, D)``: the only Python loop is
-over the ``m <= num_basis`` farthest-point-sampling steps. Ragged (varlen) input is padded to the
-longest segment; a validity mask keeps padding out of every argmax, sort and sum.
+Every stage is vectorized over a batch of segments ``(G, N, D)`` of one length: the Python loops
+are over the ``m <= num_basis`` farthest-point-sampling and Cholesky steps and over segment
+groups. The wrappers cut a call into groups of segments of one length (varlen input is grouped by
+length, never padded), each group ``group_size(N, D)`` segments or fewer: a group's working set
+stays in cache (batched FPS used to fall out of it), and every algorithm choice (the FPS distance
+form, the group itself) is a function of the segment alone, so a segment's result is the same
+alone, in any dense batch and in any varlen pack. The stage functions still take a validity mask,
+so they also run on padded batches.
+
+Determinism on CPU (SPEC.md): no stage sums in an order that depends on threads. The merge sums
+use ``scatter_add_`` along dim 0, which on CPU adds each output row's sources in token order
+(parallel over rows or columns, never within one sum); ``index_put_(accumulate=True)``, used
+before, adds with atomics in no fixed order from 2 threads on. The BLAS calls (``bmm``) and
+reductions were measured bitwise equal at 1, 2 and 4 threads and alone vs in a batch (torch
+2.13.0+cpu, MKL; tests/test_promises.py checks it). fp32 matmuls are pinned to IEEE precision for
+the call (``ieee_matmul``), whatever ``torch.set_float32_matmul_precision`` says.
 
 Stages, named the same in every backend:
     ``fps``      basis indices + per-token squared norms + dot products with the basis (c_i, G)
@@ -19,12 +32,17 @@ argmax, so no argmax can land on padding or on an already chosen token.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 
 from .upload import upload
 
 FLT_MIN = 1.17549435e-38
 COS_EPS = 1e-12
+# SPEC.md ridge rule: Cholesky pivots below τ = max(λ, 2^-16 · trace(G)/m) are replaced by τ.
+PIVOT_FLOOR = 2.0**-16
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,19 +54,49 @@ def _nan_as(t: torch.Tensor, value: float) -> torch.Tensor:
     return torch.where(torch.isnan(t), torch.full_like(t, value), t)
 
 
-# Below this many elements (S·N·D) the (S, N, D) difference fits in cache and a fused
-# subtract-then-norm is fastest; above it cdist's non-matmul mode, which never materializes the
-# difference, wins. One CPU thread, ms per FPS step: 1x576x1024 0.11 vs 0.47 (cdist);
-# 1x1024x3584 2.2 vs 3.1; 8x256x4096 22.1 vs 7.2; 32x576x1024 58.7 vs 15.3.
+# Below this many elements (N·D of one segment) the (G, N, D) difference of a cache-sized group
+# fits in cache and a fused subtract-then-norm is fastest; above it cdist's non-matmul mode, which
+# never materializes the difference, wins. One CPU thread, ms per FPS step: 1x576x1024 0.11 vs
+# 0.47 (cdist); 1x1024x3584 2.2 vs 3.1. The choice used to be made on S·N·D of the whole batch,
+# so a segment's near-ties broke differently alone and in a batch; it is now the segment's own.
 _CDIST_MIN_ELEMENTS = 4 * 2**20
+# Segments per group: as many as fit in this many bytes of accumulation-dtype input (the FPS
+# difference temporary is the same size). 32x576x1024 in one batch took 7.1 ms of FPS per segment
+# against 1.6 ms alone (the batch fell out of cache). On CUDA a group is only a launch-count
+# trade-off, so it is large.
+_GROUP_BYTES = {"cpu": 4 * 2**20}
+_GROUP_BYTES_OTHER = 2**30
 
 
-def _distance(v: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+def group_size(n: int, d: int, itemsize: int = 4, device: str = "cpu") -> int:
+    """Segments of ``n`` tokens of width ``d`` processed together (>= 1): a function of the
+    segment's shape, its accumulation dtype's ``itemsize`` and the device type only."""
+    budget = _GROUP_BYTES.get(device, _GROUP_BYTES_OTHER)
+    return max(1, budget // max(1, n * d * itemsize))
+
+
+@contextlib.contextmanager
+def ieee_matmul() -> Iterator[None]:
+    """fp32 matmuls at full IEEE precision inside, whatever the global setting
+    (``torch.set_float32_matmul_precision("high")`` makes CUDA matmuls TF32 and, on CPUs with
+    bf16 units, oneDNN's bf16): SPEC.md accumulates in float32. Sets and restores the per-backend
+    ``fp32_precision`` (process-global state, so concurrent threads running matmuls during the
+    call see it too)."""
+    cuda_mm, mkldnn_mm = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    saved = cuda_mm.fp32_precision, mkldnn_mm.fp32_precision
+    cuda_mm.fp32_precision = mkldnn_mm.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        cuda_mm.fp32_precision, mkldnn_mm.fp32_precision = saved
+
+
+def _distance(v: torch.Tensor, point: torch.Tensor, use_cdist: bool) -> torch.Tensor:
     """``(S, N)`` L2 distances of ``v (S, N, D)`` to ``point (S, D)`` as direct differences (not
     ||v||^2 + ||p||^2 - 2 v·p): exact zeros for duplicates, no cancellation. FPS ranks by these
     distances; the square root is monotone, so the argmax is that of the squared distances
     SPEC.md names."""
-    if v.numel() < _CDIST_MIN_ELEMENTS:
+    if not use_cdist:
         return torch.linalg.vector_norm(v - point[:, None, :], dim=-1)
     return torch.cdist(v, point[:, None, :], compute_mode="donot_use_mm_for_euclid_dist")[..., 0]
 
@@ -69,7 +117,8 @@ def fps(
         sqnorm: ``(S, N)`` ||v_i||^2.
         dots: ``(S, N, m_max)`` v_i · v_{b_t}: the c_i of the solve, and G at the basis rows.
     """
-    S, N, _ = v.shape
+    S, N, D = v.shape
+    use_cdist = N * D >= _CDIST_MIN_ELEMENTS  # per segment: the same alone and in a batch
     validf = valid.to(v.dtype)
     count = validf.sum(1).clamp_min(1.0)
     mean = torch.bmm(validf[:, None, :], v)[:, 0] / count[:, None]
@@ -81,20 +130,62 @@ def fps(
 
     basis = torch.zeros(S, num_steps, dtype=torch.long, device=v.device)
     chosen = torch.zeros(S, N, dtype=torch.bool, device=v.device)
-    dist = _distance(v, mean)  # step 1 scores: distance to the mean
+    dist = _distance(v, mean, use_cdist)  # step 1 scores: distance to the mean
     rows = torch.arange(S, device=v.device)
     for t in range(num_steps):
         pick = next_pick(dist, chosen)
         basis[:, t] = pick
         chosen[rows, pick] = True
         if t + 1 < num_steps:  # the last pick needs no distance update
-            d_new = _distance(v, v[rows, pick])
+            d_new = _distance(v, v[rows, pick], use_cdist)
             dist = d_new if t == 0 else torch.minimum(dist, d_new)
     # c_i and G for the solve: one GEMM against all basis rows after the loop, not a pass per step.
     basis_rows = torch.gather(v, 1, basis[:, :, None].expand(S, num_steps, v.shape[2]))
     dots = torch.bmm(v, basis_rows.transpose(1, 2))
     sqnorm = (v * v).sum(-1)
     return basis, sqnorm, dots
+
+
+def clamped_cholesky(system: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of ``system (S, m, m)`` by SPEC.md's ridge rule.
+
+    Standard column order k = 0..m-1: each pivot p_k = A_kk - Σ_{j<k} L_kj² is replaced by
+    ``tau (S,)`` when p_k < τ (a compare-and-select, so a NaN pivot stays NaN), then
+    L_kk = sqrt(p_k) and L_ik = (A_ik - Σ_{j<k} L_ij L_kj) / L_kk. With the default ridge τ = λ,
+    which a positive semi-definite G only undercuts by rounding; with ridge = 0 it keeps a
+    rank-deficient basis finite. Returns ``(S, m, m)``, zero above the diagonal.
+    """
+    m = system.shape[1]
+    factor = torch.zeros_like(system)
+    for k in range(m):
+        row = factor[:, k, :k]  # (S, k): L_kj, j < k
+        pivot = system[:, k, k] - (row * row).sum(-1)
+        pivot = torch.where(pivot < tau, tau, pivot)
+        diag = pivot.sqrt()
+        factor[:, k, k] = diag
+        if k + 1 < m:
+            below = system[:, k + 1 :, k] - (factor[:, k + 1 :, :k] * row[:, None, :]).sum(-1)
+            factor[:, k + 1 :, k] = below / diag[:, None]
+    return factor
+
+
+def _factor(system: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The ridge rule's factor of ``system (S, m, m)``, per segment.
+
+    On CPU, LAPACK's factor (3 µs at S=1, m=10, against about 1 ms for the m-step loop of
+    :func:`clamped_cholesky`) stands for segments where it succeeds with every pivot L_kk² >= τ:
+    there the rule replaces nothing and the two differ only in rounding. Segments with a pivot
+    below τ or a failed factorization take :func:`clamped_cholesky` (reading the flags is free on
+    CPU). On other devices the loop always runs: reading the flags would sync.
+    """
+    if system.device.type != "cpu":
+        return clamped_cholesky(system, tau)
+    chol, info = torch.linalg.cholesky_ex(system)
+    pivots = torch.diagonal(chol, dim1=1, dim2=2).square()
+    needs_rule = (info != 0) | ~(pivots >= tau[:, None]).all(-1)  # NaN pivots fail >= too
+    if bool(needs_rule.any()):
+        chol = torch.where(needs_rule[:, None, None], clamped_cholesky(system, tau), chol)
+    return chol
 
 
 def residual(
@@ -106,9 +197,10 @@ def residual(
 ) -> torch.Tensor:
     """Squared approximation error of every token from its segment's basis.
 
-    e_i^2 = ||v_i||^2 - c_iᵀα_i - λ||α_i||^2 (clamped at 0), α_i = (G + λI)^-1 c_i,
-    λ = ridge · trace(G)/m + FLT_MIN. Segments with m_s < m_max pad G with an identity block
-    and c with zeros, so the padded coordinates solve to α = 0 and change nothing.
+    e_i^2 = ||v_i||^2 - c_iᵀα_i - λ||α_i||^2 (clamped at 0), α_i = (G + λI)^-1 c_i by forward and
+    back substitution with :func:`clamped_cholesky`'s factor, λ = ridge · trace(G)/m + FLT_MIN.
+    Segments with m_s < m_max pad G with an identity block and c with zeros, so the padded
+    coordinates solve to α = 0 and change nothing.
 
     Args:
         sqnorm: ``(S, N)``; dots: ``(S, N, m_max)``; basis: ``(S, m_max)`` int64.
@@ -124,12 +216,14 @@ def residual(
     gram = torch.gather(dots, 1, basis[:, :, None].expand(S, m, m))  # (S, m, m), row t = b_t
     gram = 0.5 * (gram + gram.transpose(1, 2))
     gram = torch.where(pair_valid, gram, torch.zeros_like(gram))
-    lam = ridge * torch.diagonal(gram, dim1=1, dim2=2).sum(-1) / num_basis.to(gram.dtype) + FLT_MIN
+    mean_diag = torch.diagonal(gram, dim1=1, dim2=2).sum(-1) / num_basis.to(gram.dtype)
+    lam = ridge * mean_diag + FLT_MIN
+    tau = torch.maximum(lam, PIVOT_FLOOR * mean_diag)
     eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
     diag_add = torch.where(slot_valid, lam[:, None], torch.ones_like(lam)[:, None])
     system = gram + eye * diag_add[:, :, None]
     c = torch.where(slot_valid[:, None, :], dots, torch.zeros_like(dots))  # (S, N, m)
-    chol, _ = torch.linalg.cholesky_ex(system)  # no error on NaN: values unspecified then
+    chol = _factor(system, tau)
     alpha = torch.cholesky_solve(c.transpose(1, 2), chol).transpose(1, 2)  # (S, N, m)
     err2 = sqnorm - (c * alpha).sum(-1) - lam[:, None] * (alpha * alpha).sum(-1)
     return err2.clamp_min(0.0)
@@ -186,8 +280,10 @@ def merge(
 
     The similarity is one batched GEMM ``(S, N, K)`` of raw rows divided by the clamped norm
     product, then an argmax: the ``(N-K) x K x D`` broadcast of the paper's code never exists.
-    The mean is an index_put_ accumulate over token order (serial on CPU, sort-based on CUDA),
-    so the result is bitwise reproducible.
+    The sums add each slot's tokens in token order whatever the thread count: ``scatter_add_``
+    along dim 0 on CPU, ``index_put_(accumulate=True)`` (sort-based) on CUDA. A slot with no
+    merged token returns its kept row itself, so K = N is an exact copy, -0.0 included (a sum
+    started from +0.0 would turn -0.0 into +0.0).
 
     Args:
         v: ``(S, N, D)`` accumulation dtype; valid, keep_mask: ``(S, N)`` bool.
@@ -215,9 +311,19 @@ def merge(
     # count = 1 + n_j. Padding goes to a spare row per segment that is dropped afterwards.
     target = torch.where(valid, assign, torch.full_like(assign, K))
     flat = (target + torch.arange(S, device=v.device)[:, None] * (K + 1)).reshape(-1)
-    sums = v.new_zeros(S * (K + 1), D).index_put_((flat,), v.reshape(S * N, D), accumulate=True)
+    rows = v.reshape(S * N, D)
+    sums = v.new_zeros(S * (K + 1), D)
+    if v.device.type == "cpu":
+        # The expanded index takes ATen's scatter_add expanded-index CPU path (sort by row, then
+        # each row summed in source order; torch 2.13); the generic path loops dim 0 serially
+        # per column. Both are order-fixed, unlike index_put_'s atomic adds from 2 threads on.
+        sums.scatter_add_(0, flat[:, None].expand(S * N, D), rows)
+    else:
+        sums.index_put_((flat,), rows, accumulate=True)
+    # Counts are small integers: exact in any order.
     counts = v.new_zeros(S * (K + 1)).index_put_((flat,), v.new_ones(S * N), accumulate=True)
-    out = (sums / counts.clamp_min(1.0)[:, None]).view(S, K + 1, D)[:, :K]
+    sums, counts = sums.view(S, K + 1, D)[:, :K], counts.view(S, K + 1, 1)[:, :K]
+    out = torch.where(counts == 1, w, sums / counts.clamp_min(1.0))
     return out, assign
 
 
@@ -276,45 +382,97 @@ def compress_padded(
     return out.to(x.dtype).contiguous(), kept.contiguous(), assign
 
 
+def _group_step(x: torch.Tensor, n: int) -> int:
+    return group_size(n, x.shape[-1], accumulation_dtype(x.dtype).itemsize, x.device.type)
+
+
 def compress_dense(
     x: torch.Tensor, keep: int, num_basis: int, ridge: float, merge: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense op: ``x (S, N, D)`` -> ``out (S, K, D)``, ``kept (S, K)``, ``assign (S, N)``."""
+    """Dense op: ``x (S, N, D)`` -> ``out (S, K, D)``, ``kept (S, K)``, ``assign (S, N)``, in
+    groups of ``group_size(N, D)`` segments."""
     S, N, _ = x.shape
-    return compress_padded(x, [N] * S, [keep] * S, num_basis, ridge, merge)
+    step = _group_step(x, N)
+    with ieee_matmul():
+        parts = []
+        for s0 in range(0, S, step):
+            G = min(step, S - s0)
+            parts.append(
+                compress_padded(x[s0 : s0 + G], [N] * G, [keep] * G, num_basis, ridge, merge)
+            )
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
 
-def _packed_positions(lengths: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For ragged rows of ``lengths`` laid out padded to ``width``: the flat padded index of each
-    packed element and the segment start of each segment. Built on the host from host ints, so
-    the device never syncs (no boolean-mask indexing of device data)."""
-    lengths_t = torch.tensor(lengths, dtype=torch.long)
-    starts = torch.cumsum(lengths_t, 0) - lengths_t
-    total = int(lengths_t.sum())
-    segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t, output_size=total)
-    local = torch.arange(total) - starts[segment]
-    return segment * width + local, starts
+def _varlen_plan(
+    seqlens: list[int], keeps: list[int], group_of: Callable[[int], int]
+) -> tuple[list[tuple[int, list[int], int]], list[torch.Tensor]]:
+    """Groups of equal-length segments (``group_of(n)`` at most) and the host index tables that
+    move them, built from host ints only.
+
+    Returns ``(groups, tables)``: each group is ``(n, keeps of its segments, k_max)``; the five
+    int64 tables, each concatenated over the groups in order, are: the packed rows of the group's
+    tokens (where its ``assign`` goes too); for its kept slots, the flat index into the group's
+    ``(G·k_max)`` outputs and the packed output row each goes to; each segment's first token row
+    and first output row.
+    """
+    tok_start, out_start = [0], [0]
+    for n, k in zip(seqlens, keeps, strict=True):
+        tok_start.append(tok_start[-1] + n)
+        out_start.append(out_start[-1] + k)
+    by_length: dict[int, list[int]] = {}
+    for s, n in enumerate(seqlens):
+        if n:
+            by_length.setdefault(n, []).append(s)
+    groups: list[tuple[int, list[int], int]] = []
+    tables: list[list[int]] = [[], [], [], [], []]
+    rows, src, dst, seg_tok, seg_out = tables
+    for n, segments in by_length.items():
+        step = group_of(n)
+        for g0 in range(0, len(segments), step):
+            chunk = segments[g0 : g0 + step]
+            group_keeps = [keeps[s] for s in chunk]
+            k_max = max(group_keeps)
+            groups.append((n, group_keeps, k_max))
+            for j, s in enumerate(chunk):
+                rows.extend(range(tok_start[s], tok_start[s] + n))
+                src.extend(range(j * k_max, j * k_max + keeps[s]))
+                dst.extend(range(out_start[s], out_start[s] + keeps[s]))
+                seg_tok.append(tok_start[s])
+                seg_out.append(out_start[s])
+    return groups, [torch.tensor(t, dtype=torch.long) for t in tables]
 
 
 def compress_varlen(
     x: torch.Tensor, seqlens: list[int], keeps: list[int], num_basis: int, ridge: float, merge: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Varlen op on packed ``x (T, D)``: returns ``out (ΣK, D)``, ``kept (ΣK,)`` global rows of
-    x, ``assign (T,)`` global output rows (-1 for dropped tokens when not merging)."""
+    x, ``assign (T,)`` global output rows (-1 for dropped tokens when not merging).
+
+    Segments are grouped by length and each group runs as a dense batch (no padding), so a
+    segment's result is bitwise its result alone. The index tables go up in one copy.
+    """
     T, D = x.shape
-    dev = x.device
-    S = len(seqlens)
-    n_max = max(seqlens, default=0)
-    k_max = max(keeps, default=0)
-    host = [*_packed_positions(seqlens, n_max), *_packed_positions(keeps, k_max)]
-    token_flat, starts, out_flat, out_starts = upload(host, dev)
-    padded = x.new_zeros(S * n_max, D).index_copy_(0, token_flat, x).view(S, n_max, D)
-    out, kept, assign = compress_padded(padded, seqlens, keeps, num_basis, ridge, merge)
-    packed_out = out.reshape(S * k_max, D).index_select(0, out_flat)
-    packed_kept = (kept + starts[:, None]).reshape(-1).index_select(0, out_flat)
-    global_assign = torch.where(assign >= 0, assign + out_starts[:, None], assign)
-    packed_assign = global_assign.reshape(-1).index_select(0, token_flat)
-    return packed_out, packed_kept, packed_assign
+    total_keep = sum(keeps)
+    groups, host = _varlen_plan(seqlens, keeps, lambda n: _group_step(x, n))
+    rows, src, dst, seg_tok, seg_out = upload(host, x.device)
+    out = x.new_empty(total_keep, D)
+    kept = torch.empty(total_keep, dtype=torch.long, device=x.device)
+    assign = torch.empty(T, dtype=torch.long, device=x.device)
+    r0 = k0 = g0 = 0
+    with ieee_matmul():
+        for n, group_keeps, k_max in groups:
+            G, ks = len(group_keeps), sum(group_keeps)
+            g_rows, g_src, g_dst = rows[r0 : r0 + G * n], src[k0 : k0 + ks], dst[k0 : k0 + ks]
+            g_tok, g_out = seg_tok[g0 : g0 + G, None], seg_out[g0 : g0 + G, None]
+            xs = x.index_select(0, g_rows).view(G, n, D)
+            o, k, a = compress_padded(xs, [n] * G, group_keeps, num_basis, ridge, merge)
+            out.index_copy_(0, g_dst, o.reshape(G * k_max, D).index_select(0, g_src))
+            kept.index_copy_(0, g_dst, (k + g_tok).reshape(-1).index_select(0, g_src))
+            assign.index_copy_(0, g_rows, torch.where(a >= 0, a + g_out, a).reshape(-1))
+            r0, k0, g0 = r0 + G * n, k0 + ks, g0 + G
+    return out, kept, assign
 
 
 def unavailable_reason(x: torch.Tensor) -> str | None:

@@ -30,6 +30,8 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // SPEC.md: λ = ridge · trace(G)/m + FLT_MIN, cosine denominators clamped at 1e-12.
 constexpr float kFltMin = 1.17549435e-38f;
 constexpr float kCosEps = 1e-12f;
+// SPEC.md ridge rule: Cholesky pivots below τ = max(λ, 2^-16 · trace(G)/m) are replaced by τ.
+constexpr float kPivotFloor = 1.0f / 65536.0f;
 
 // Token state, one byte per token: zeroed, then written by fps (basis) and select (selected).
 constexpr uint8_t kDropped = 0;

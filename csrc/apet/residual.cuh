@@ -22,13 +22,16 @@ __device__ __forceinline__ bool needs_residual(const Segments& seg, int64_t s) {
 // G + λI and its Cholesky factor, one block per segment (m is small: 10 by default).
 // chol: (S, m_max, m_max) float32, lower triangle = L (the upper part is scratch);
 // lam: (S,) float32 λ_s. Right-looking factorization: each entry is updated in a fixed k order,
-// so the factor is deterministic. A non-positive pivot (NaN or rank-deficient input with
-// ridge = 0) yields NaN errors, which `select` ranks as +inf: indices stay valid.
+// so the factor is deterministic. SPEC.md's ridge rule: when column k comes up, its pivot
+// p_k = A_kk - Σ_{j<k} L_kj² (the updates already applied, in j order) is replaced by
+// τ = max(λ, 2^-16 · trace(G)/m) when p_k < τ, so ridge = 0 with a rank-deficient basis stays
+// finite; the compare-and-select keeps a NaN pivot NaN, and NaN errors rank as +inf in `select`.
 __global__ void residual_factor_kernel(Segments seg, int64_t total_tokens, int max_basis,
                                        float ridge, const float* __restrict__ dots,
                                        const int* __restrict__ basis, float* __restrict__ chol,
                                        float* __restrict__ lam) {
   __shared__ float lam_shared;
+  __shared__ float tau_shared;
   const int64_t s = blockIdx.x;
   if (!needs_residual(seg, s)) return;  // block-uniform
   const int m = seg.basis(s);
@@ -44,15 +47,21 @@ __global__ void residual_factor_kernel(Segments seg, int64_t total_tokens, int m
   if (threadIdx.x == 0) {
     float trace = 0.f;
     for (int r = 0; r < m; ++r) trace += A[r * max_basis + r];
-    const float l = ridge * trace / static_cast<float>(m) + kFltMin;
+    const float mean_diag = trace / static_cast<float>(m);
+    const float l = ridge * mean_diag + kFltMin;
+    const float pivot_floor = kPivotFloor * mean_diag;
     lam_shared = l;
+    tau_shared = l < pivot_floor ? pivot_floor : l;  // fmaxf would drop a NaN trace
     lam[s] = l;
   }
   __syncthreads();
   for (int r = threadIdx.x; r < m; r += blockDim.x) A[r * max_basis + r] += lam_shared;
   __syncthreads();
   for (int k = 0; k < m; ++k) {
-    if (threadIdx.x == 0) A[k * max_basis + k] = sqrtf(A[k * max_basis + k]);
+    if (threadIdx.x == 0) {
+      const float p = A[k * max_basis + k];
+      A[k * max_basis + k] = sqrtf(p < tau_shared ? tau_shared : p);  // NaN < τ is false
+    }
     __syncthreads();
     const float pivot = A[k * max_basis + k];
     for (int r = k + 1 + threadIdx.x; r < m; r += blockDim.x) A[r * max_basis + k] /= pivot;
