@@ -64,17 +64,23 @@ def _free() -> None:
 
 
 def _guarded(ctx: Context, case: str, fn: Callable[[], dict]) -> dict | None:
-    """Run one case; an exception becomes an ``error`` record (and the phase goes on)."""
+    """Run one case; an exception becomes an ``error`` record and the phase goes on, unless the
+    CUDA context is broken (an illegal address is sticky): then the phase ends here, and the
+    plan's next phase starts in a fresh process."""
     t0 = time.time()
     try:
         record = fn()
     except Exception as exc:  # a failing case is a finding: record it, go on
         ctx.rec.write("error", case=case, reason=f"{type(exc).__name__}: {exc}"[:500])
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
+        try:
+            _free()
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as sticky:
+            ctx.rec.write("error", case=case, reason=f"CUDA context unusable, phase ends: {sticky}")
+            raise
         return None
-    finally:
-        _free()
+    _free()
     record = dict(case=case, wall_s=round(time.time() - t0, 2), **record)
     return ctx.rec.write("check", **record)
 
@@ -125,7 +131,10 @@ def phase_env(ctx: Context) -> None:
         k: v for k, v in os.environ.items() if k.startswith(("APET_", "TRITON_", "CUDA_VISIBLE"))
     }
     nbytes = 1 << 30 if ctx.device.type == "cuda" else 1 << 24
-    env["copy_gbs"] = timing.copy_bandwidth_gbs(ctx.device, nbytes)
+    try:  # the floor every GB/s figure is read against; the record stands without it
+        env["copy_gbs"] = timing.copy_bandwidth_gbs(ctx.device, nbytes)
+    except Exception as exc:
+        env["copy_gbs"], env["copy_error"] = None, f"{type(exc).__name__}: {exc}"[:300]
     ctx.rec.write("env", **env)
 
 
@@ -243,9 +252,37 @@ def _graph(ctx: Context, backend: str, layout: str, S, N, D, K, dtype) -> dict:
     return plan_checks.graph_capture(call, refill)
 
 
+def triton_warmup(ctx: Context) -> None:
+    """Compile time of the Triton kernels per (D, dtype) the plan uses, through the backend's
+    ``warmup`` where it has one (compiles land here, not inside timed or captured calls)."""
+    from apet_kernels.ops import triton as triton_backend
+
+    warmup = getattr(triton_backend, "warmup", None)
+    if warmup is None:
+        ctx.rec.write("skip", case="triton warmup", reason="the triton backend has no warmup()")
+        return
+    widths = sorted({D for _, _, _, D, _ in (TINY_SHAPES if ctx.selftest else REAL_SHAPES)})
+    for D in ctx.pick(tuple(widths)):
+        for dtype in ctx.pick(HALF):
+            if not ctx.has_time(f"triton warmup D{D} {_name(dtype)}", 10):
+                return
+            t0 = time.time()
+            try:
+                calls = warmup(D, dtype, ctx.device, merge=(True,))
+            except Exception as exc:  # a variant that fails to compile is a finding
+                reason = f"{type(exc).__name__}: {exc}"[:500]
+                ctx.rec.write("error", case=f"triton warmup D{D} {_name(dtype)}", reason=reason)
+                continue
+            ctx.rec.write(
+                "warmup", D=D, dtype=_name(dtype), calls=calls, wall_s=round(time.time() - t0, 2)
+            )
+
+
 def phase_correct(ctx: Context) -> None:
     # The selftest checks the plan's own code, on the torch backend: the Triton interpreter takes
     # seconds per call, and tests/ops/test_triton.py checks the kernels themselves.
+    if not ctx.selftest:
+        triton_warmup(ctx)
     correctness(ctx, "torch" if ctx.selftest else "triton")
 
 

@@ -98,12 +98,25 @@ def summarize(records: list[dict]) -> dict:
         "graphs": by_kind.get("graph", []),
         "profiles": by_kind.get("profile", []),
         "builds": by_kind.get("build", []),
+        "warmups": by_kind.get("warmup", []),
         "e2e": by_kind.get("e2e", []),
         "other": [r for k, rs in by_kind.items() if k not in _GROUPED for r in rs],
     }
 
 
-_GROUPED = {"env", "plan", "phase", "check", "pytest", "micro", "graph", "profile", "build", "e2e"}
+_GROUPED = {
+    "env",
+    "plan",
+    "phase",
+    "check",
+    "pytest",
+    "micro",
+    "graph",
+    "profile",
+    "build",
+    "e2e",
+    "warmup",
+}
 
 
 def _cell(value) -> str:
@@ -162,6 +175,15 @@ def markdown(summary: dict) -> str:
         parts.append(
             f"rc {run.get('rc')}, {run.get('wall_s')} s, timed out: {run.get('timed_out')}; "
             f"counts {run.get('counts')}; failed: {run.get('failed') or 'none'}"
+        )
+    if summary["warmups"]:
+        parts += ["", "## Triton compile time (warmup per width and dtype)", ""]
+        parts += _table(
+            ["D", "dtype", "calls", "wall s"],
+            [
+                [w.get("D"), w.get("dtype"), w.get("calls"), w.get("wall_s")]
+                for w in summary["warmups"]
+            ],
         )
     if summary["builds"]:
         parts += ["", "## CUDA extension build", ""]
