@@ -27,6 +27,7 @@ WORDS = (
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]
 VISUAL_TOKENS = 576  # (336 / 14) ** 2
 NUM_LAYERS = 18
+PROJECTOR_SCALE = 2.0
 CHAT_TEMPLATE = (
     "{% for message in messages %}USER: {{ message['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
@@ -84,8 +85,15 @@ def save_llava15(path: Path) -> Path:
         for p in model.parameters():
             if p.dim() >= 2:
                 p.mul_(3.0)
+        # Louder visual tokens, so that compressing them changes the answers (the tests'
+        # negative control needs the compressed and the stock answers to differ).
+        for p in model.model.multi_modal_projector.parameters():
+            p.mul_(PROJECTOR_SCALE)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # Every answer is max_new_tokens words: no special token (EOS included) is ever generated,
+    # so an empty answer can only come from a failure.
+    model.generation_config.suppress_tokens = list(range(len(SPECIAL)))
     model.save_pretrained(path)
     # The PIL image processor: the default one needs torchvision, which CPU machines lack.
     image_processor = transformers.CLIPImageProcessorPil(
