@@ -100,3 +100,26 @@ def assert_consistent(got, x: torch.Tensor, want, dtype: torch.dtype) -> None:
     counts = torch.bincount(rows, minlength=S * K).to(torch.float64)
     implied = (sums / counts[:, None]).view(S, K, D)
     torch.testing.assert_close(out.double(), implied, **VALUE_TOL[dtype])
+
+
+def rank_deficient(
+    n_span: int = 48, n_off: int = 8, D: int = 16, rank: int = 3, seed: int = 0
+) -> torch.Tensor:
+    """``(n_span + n_off, D)`` float64 tokens for the ridge = 0 rule (SPEC.md, docs/SPEC.md).
+
+    ``n_span`` tokens of norm ~10 lie in a ``rank``-dim subspace (the second half duplicates the
+    first), ``n_off`` tokens sit off it by 0.3..3 along distinct orthogonal directions, shuffled.
+    FPS with num_basis > rank draws a basis whose Gram matrix is singular, so at ridge = 0 the
+    pivot rule decides whether the errors stay finite, and the off-span tokens' errors stand well
+    clear of rounding noise (the kept set is not decided by rounding).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    randn = dict(generator=generator, dtype=torch.float64)
+    q = torch.linalg.qr(torch.randn(D, D, **randn))[0]
+    inside = (torch.randn(n_span, rank, **randn) * 10) @ q[:, :rank].T
+    inside[n_span // 2 :] = inside[: n_span - n_span // 2]
+    size = torch.linspace(0.3, 3.0, n_off, dtype=torch.float64)
+    away = q[:, rank + torch.arange(n_off) % (D - rank)].T  # (n_off, D) unit, orthogonal to span
+    off = torch.randn(n_off, rank, **randn) @ q[:, :rank].T + size[:, None] * away
+    x = torch.cat([inside, off])
+    return x[torch.randperm(len(x), generator=generator)]

@@ -1,13 +1,14 @@
 """The torch backend: the readable oracle of SPEC.md and the CPU implementation in one.
 
-Every stage is vectorized over a batch of segments ``(G, N, D)`` of one length: the Python loops
-are over the ``m <= num_basis`` farthest-point-sampling and Cholesky steps and over segment
-groups. The wrappers cut a call into groups of segments of one length (varlen input is grouped by
-length, never padded), each group ``group_size(N, D)`` segments or fewer: a group's working set
-stays in cache (batched FPS used to fall out of it), and every algorithm choice (the FPS distance
-form, the group itself) is a function of the segment alone, so a segment's result is the same
-alone, in any dense batch and in any varlen pack. The stage functions still take a validity mask,
-so they also run on padded batches.
+Every stage is vectorized over a batch of segments ``(G, N, D)``: the Python loops are over the
+``m <= num_basis`` farthest-point-sampling (and, when the ridge rule needs it, Cholesky) steps
+and over segment groups. The wrappers cut a call into groups of segments of one length and one
+keep (varlen input is grouped by (N_s, K_s), never padded), each ``group_size(N, D)`` segments or
+fewer: a group's working set stays in cache (batched FPS used to fall out of it), and every
+shape and algorithm choice (the FPS distance form, the GEMM shapes) is a function of the
+segment alone, so a segment's result is the same alone, in any dense batch and in any varlen
+pack. The stage functions still take a validity mask and ragged keeps, so they also run on
+padded batches.
 
 Determinism on CPU (SPEC.md): no stage sums in an order that depends on threads. The merge sums
 use ``scatter_add_`` along dim 0, which on CPU adds each output row's sources in token order
@@ -408,8 +409,10 @@ def compress_dense(
 def _varlen_plan(
     seqlens: list[int], keeps: list[int], group_of: Callable[[int], int]
 ) -> tuple[list[tuple[int, list[int], int]], list[torch.Tensor]]:
-    """Groups of equal-length segments (``group_of(n)`` at most) and the host index tables that
-    move them, built from host ints only.
+    """Groups of segments of one length and one keep (``group_of(n)`` at most) and the host
+    index tables that move them, built from host ints only. Keeps are part of the key because
+    the GEMMs' shapes follow them: MKL rounds a dot product differently in a (N, 100) product
+    than in a (N, 25) one, so a segment grouped with a larger keep came out different.
 
     Returns ``(groups, tables)``: each group is ``(n, keeps of its segments, k_max)``; the five
     int64 tables, each concatenated over the groups in order, are: the packed rows of the group's
@@ -421,14 +424,14 @@ def _varlen_plan(
     for n, k in zip(seqlens, keeps, strict=True):
         tok_start.append(tok_start[-1] + n)
         out_start.append(out_start[-1] + k)
-    by_length: dict[int, list[int]] = {}
-    for s, n in enumerate(seqlens):
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for s, (n, k) in enumerate(zip(seqlens, keeps, strict=True)):
         if n:
-            by_length.setdefault(n, []).append(s)
+            by_shape.setdefault((n, k), []).append(s)
     groups: list[tuple[int, list[int], int]] = []
     tables: list[list[int]] = [[], [], [], [], []]
     rows, src, dst, seg_tok, seg_out = tables
-    for n, segments in by_length.items():
+    for (n, _), segments in by_shape.items():
         step = group_of(n)
         for g0 in range(0, len(segments), step):
             chunk = segments[g0 : g0 + step]
@@ -450,8 +453,8 @@ def compress_varlen(
     """Varlen op on packed ``x (T, D)``: returns ``out (ΣK, D)``, ``kept (ΣK,)`` global rows of
     x, ``assign (T,)`` global output rows (-1 for dropped tokens when not merging).
 
-    Segments are grouped by length and each group runs as a dense batch (no padding), so a
-    segment's result is bitwise its result alone. The index tables go up in one copy.
+    Segments are grouped by (length, keep) and each group runs as a dense batch (no padding), so
+    a segment's result is bitwise its result alone. The index tables go up in one copy.
     """
     T, D = x.shape
     total_keep = sum(keeps)

@@ -1,0 +1,309 @@
+"""The op's promises (SPEC.md, docs/SPEC.md; issue 10) on the torch backend, as properties.
+
+Thread count, batch composition, varlen packing, signed zeros at K = N, the ridge = 0 rule,
+pinned matmul precision and torch.compile(dynamic=True) on the wrappers. Each comparison that
+could hold for the wrong reason has a negative control showing it can fail on the same data.
+The CUDA backend's side of these runs in tests/ops/test_cuda.py (emulated).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from backend_checks import gaussian, rank_deficient
+
+import apet_kernels
+from apet_kernels.ops import reference
+
+
+def run(x: torch.Tensor, keep: int, **kwargs) -> apet_kernels.Compressed:
+    return apet_kernels.compress(x, keep, backend="torch", **kwargs)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a tensor (so -0.0 and +0.0 differ, and NaNs compare)."""
+    if not t.dtype.is_floating_point:
+        return t
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_bitwise(got, want) -> None:
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(bits(a), bits(b))
+
+
+def rolled(S: int, N: int, D: int, seed: int = 0) -> torch.Tensor:
+    """``(S, N, D)`` float32 near-tie data: segment s is N cyclic shifts of one random vector, so
+    every token has the same norm and (N = D) the same distance to the mean: FPS's choices are
+    decided by rounding, which any change of algorithm or reduction order would flip."""
+    u = gaussian(S, D, seed=seed)
+    return torch.stack([torch.stack([torch.roll(u[s], i) for i in range(N)]) for s in range(S)])
+
+
+@pytest.fixture
+def threads():
+    """Restores the thread count the session started with."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. thread count
+# --------------------------------------------------------------------------------------------
+
+
+def test_repeatable_at_1_2_and_4_threads_and_equal_across_them(threads):
+    # 576 x 512 and 96 kept: the merge sums cover 295K elements, past ATen's 32K grain, so from
+    # 2 threads on the sums run in parallel (index_put_ accumulate differed by 1-2 ulp there).
+    x = gaussian(3, 576, 512, seed=1, dtype=torch.float32)
+    packed, seqlens, keeps = x.reshape(-1, 512)[:1500], [576, 0, 300, 624], [96, 0, 300, 60]
+    results = {}
+    for count in (1, 2, 4):
+        threads(count)
+        assert torch.get_num_threads() == count  # the setting took effect: not vacuous
+        first = (*run(x, 96), *apet_kernels.compress_varlen(packed, seqlens, keeps))
+        second = (*run(x, 96), *apet_kernels.compress_varlen(packed, seqlens, keeps))
+        assert_bitwise(first, second)
+        results[count] = first
+    assert_bitwise(results[2], results[1])  # across thread counts (measured, see docs/SPEC.md)
+    assert_bitwise(results[4], results[1])
+
+
+def test_merge_sums_on_this_data_depend_on_order():
+    # Negative control for the test above: on the same data, summing each slot's tokens in
+    # another order changes bits, so a thread-dependent order could not have passed it.
+    x = gaussian(1, 576, 512, seed=1, dtype=torch.float32)
+    out = run(x, 96)
+    slots, v = out.assign[0], x[0]
+    forward = torch.zeros(96, 512).index_add_(0, slots, v)
+    backward = torch.zeros(96, 512)
+    for i in reversed(range(576)):
+        backward[slots[i]] += v[i]
+    assert not torch.equal(forward, backward)
+    torch.testing.assert_close(forward, backward)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. batch composition and varlen packing
+# --------------------------------------------------------------------------------------------
+
+
+def test_dense_batch_equals_each_segment_alone_on_near_ties():
+    # 16 x 512 x 512: S·N·D = 4M elements, where the whole-batch size used to switch FPS to
+    # cdist (the issue's snippet); groups of 4 segments (1 MiB each), so x[:5] ends in a
+    # partial group.
+    x = rolled(16, 512, 512)
+    alone = [run(x[s : s + 1], 64) for s in range(16)]
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    for index in (torch.arange(16), torch.arange(5), torch.arange(3, 11), perm):
+        batch = run(x[index], 64)
+        for row, s in enumerate(index.tolist()):
+            assert_bitwise([t[row : row + 1] for t in batch], alone[s])
+
+
+def test_near_tie_data_separates_the_two_distance_forms(monkeypatch):
+    # Negative control for the test above: FPS on these segments keeps different tokens with
+    # cdist than with direct differences, so a batch-dependent choice between them shows.
+    x = rolled(16, 512, 512)
+    direct = run(x, 64).kept
+    monkeypatch.setattr(reference, "_CDIST_MIN_ELEMENTS", 0)
+    assert not torch.equal(run(x, 64).kept, direct)
+
+
+def _alone(x: torch.Tensor, seqlens: list[int], keeps: list[int], **kwargs):
+    """Each non-empty segment of packed x run alone through the dense op, as varlen outputs."""
+    outs, kept, assign = [], [], []
+    start = out_start = 0
+    for n, k in zip(seqlens, keeps, strict=True):
+        if n:
+            got = run(x[None, start : start + n], k, **kwargs)
+            outs.append(got.tokens[0])
+            kept.append(got.kept[0] + start)
+            assign.append(torch.where(got.assign[0] >= 0, got.assign[0] + out_start, -1))
+        start, out_start = start + n, out_start + k
+    return torch.cat(outs), torch.cat(kept), torch.cat(assign)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_varlen_equals_each_segment_alone_on_near_ties(merge):
+    # Near-tie segments of several lengths, two of one length with different keeps (one group,
+    # ragged k_max), K = N, K <= M and empty segments among them.
+    parts = [rolled(1, 256, 256, seed=2)[0], rolled(1, 100, 256, seed=3)[0]]
+    parts += [rolled(1, 256, 256, seed=4)[0], rolled(1, 37, 256, seed=5)[0]]
+    parts += [gaussian(1, 256, seed=6, dtype=torch.float32), rolled(1, 100, 256, seed=7)[0]]
+    seqlens = [256, 0, 100, 256, 37, 1, 100, 0]
+    keeps = [40, 0, 100, 7, 37, 1, 25, 0]
+    packed = torch.cat(parts)
+    got = apet_kernels.compress_varlen(packed, seqlens, keeps, merge=merge, backend="torch")
+    assert_bitwise(got, _alone(packed, seqlens, keeps, merge=merge))
+
+
+def test_varlen_result_does_not_depend_on_group_size(monkeypatch):
+    # 70 segments of one length: one group, groups of 1, and groups of 64 (+ 6) give the same
+    # bits as each segment alone.
+    x = rolled(70, 64, 256, seed=8)
+    packed, seqlens, keeps = x.reshape(-1, 256), [64] * 70, [11 + s % 5 for s in range(70)]
+    want = _alone(packed, seqlens, keeps)
+    for budget in (1, 64 * 64 * 256 * 4, 2**40):
+        monkeypatch.setitem(reference._GROUP_BYTES, "cpu", budget)
+        assert_bitwise(apet_kernels.compress_varlen(packed, seqlens, keeps, backend="torch"), want)
+
+
+def test_group_size_is_a_function_of_the_segment():
+    assert reference.group_size(576, 1024) == 1  # 2.25 MiB of float32 per segment
+    assert reference.group_size(256, 512) == 8
+    assert reference.group_size(576, 1024, 8) == 1
+    assert reference.group_size(10**6, 4096) == 1  # never 0
+    assert reference.group_size(49, 64) == reference._GROUP_BYTES["cpu"] // (49 * 64 * 4)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. signed zeros at K = N
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("merge", [True, False])
+def test_keep_all_returns_negative_zero_as_negative_zero(dtype, merge):
+    x = gaussian(2, 30, 8, seed=9, dtype=dtype)
+    x[x.abs() < 0.6] = -0.0
+    x[0, 4] = -0.0  # a whole token of -0.0
+    assert bool(torch.signbit(x[x == 0]).all()) and int((x == 0).sum()) > 50
+    got = run(x, 30, merge=merge)
+    assert torch.equal(bits(got.tokens), bits(x))
+    # Negative control: a sum started from +0.0 (what the merge did) loses the sign.
+    assert not torch.equal(bits(x + 0.0), bits(x))
+    # Varlen: a K = N segment packed beside one that compresses.
+    packed = x.reshape(60, 8)
+    out = apet_kernels.compress_varlen(packed, [30, 30], [30, 9], merge=merge, backend="torch")
+    assert torch.equal(bits(out.tokens[:30]), bits(packed[:30]))
+
+
+def test_kept_tokens_nothing_merged_into_are_exact_copies():
+    # The same rule below K = N: a slot with no merged token is its kept row, bit for bit.
+    x = gaussian(2, 40, 8, seed=10, dtype=torch.float32)
+    x[x.abs() < 0.3] = -0.0
+    got = run(x, 30)
+    for s in range(2):
+        alone = torch.bincount(got.assign[s], minlength=30) == 1
+        assert int(alone.sum()) > 10
+        assert torch.equal(bits(got.tokens[s][alone]), bits(x[s][got.kept[s][alone]]))
+
+
+# --------------------------------------------------------------------------------------------
+# 9. ridge = 0 with a rank-deficient basis
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ridge_zero_rank_deficient_basis_gives_finite_errors_and_the_float64_choice(seed):
+    x = rank_deficient(seed=seed).float()[None]  # (1, 56, 16): 10 basis tokens in 3 dims
+    valid = torch.ones(1, 56, dtype=torch.bool)
+    basis, sqnorm, dots = reference.fps(x, valid, 10)
+    err2 = reference.residual(sqnorm, dots, basis, torch.tensor([10]), 0.0)
+    assert bool(torch.isfinite(err2).all()) and bool((err2 >= 0).all())
+    got = run(x, 15, ridge=0.0)
+    assert torch.isfinite(got.tokens).all()
+    assert torch.equal(got.kept, run(x.double(), 15, ridge=0.0).kept)
+
+
+@pytest.mark.parametrize("seed", [1, 4])
+def test_ridge_zero_data_needs_the_pivot_rule(seed, monkeypatch):
+    # Negative control: on these seeds the unclamped LAPACK factor (the torch backend before the
+    # rule) fails and keeps other tokens, so the test above exercises the rule.
+    x = rank_deficient(seed=seed).float()[None]
+    ruled = run(x, 15, ridge=0.0).kept
+    monkeypatch.setattr(reference, "_factor", lambda system, tau: torch.linalg.cholesky(system))
+    with pytest.raises(torch.linalg.LinAlgError):
+        run(x, 15, ridge=0.0)
+    monkeypatch.setattr(
+        reference, "_factor", lambda system, tau: torch.linalg.cholesky_ex(system)[0]
+    )
+    assert not torch.equal(run(x, 15, ridge=0.0).kept, ruled)
+
+
+def test_clamped_cholesky_is_the_plain_factor_when_no_pivot_is_small():
+    a = gaussian(4, 6, 9, seed=11, dtype=torch.float64)
+    system = a @ a.transpose(1, 2) + 0.1 * torch.eye(6, dtype=torch.float64)
+    tau = torch.full((4,), 1e-3, dtype=torch.float64)
+    plain = torch.linalg.cholesky(system)
+    torch.testing.assert_close(reference.clamped_cholesky(system, tau), plain)
+    # A singular system: the pivot of the dependent column is replaced by τ, NaN stays NaN.
+    b = gaussian(1, 3, 2, seed=12, dtype=torch.float64)
+    singular = b @ b.transpose(1, 2)  # rank 2, 3 x 3
+    factor = reference.clamped_cholesky(singular, torch.tensor([1e-3], dtype=torch.float64))
+    torch.testing.assert_close(factor[0, 2, 2] ** 2, torch.tensor(1e-3, dtype=torch.float64))
+    nan = singular.clone()
+    nan[0, 1, 1] = float("nan")
+    assert torch.isnan(reference.clamped_cholesky(nan, torch.ones(1, dtype=torch.float64))).any()
+
+
+# --------------------------------------------------------------------------------------------
+# 8. matmul precision pinned
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def loose_precision():
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # CUDA: TF32; oneDNN on CPU: bf16
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def test_fp32_matmuls_are_ieee_inside_the_op_and_restored_after(loose_precision, monkeypatch):
+    seen = []
+    merge = reference.merge
+
+    def spy(*args, **kwargs):
+        seen.append(
+            (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+        )
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "merge", spy)
+    x = gaussian(2, 80, 32, seed=13, dtype=torch.float32)
+    got = run(x, 20)
+    apet_kernels.compress_varlen(x.reshape(160, 32), [80, 80], [20, 9], backend="torch")
+    assert seen == [("ieee", "ieee")] * 3  # one dense group, two varlen (length, keep) groups
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    torch.set_float32_matmul_precision("highest")
+    # On CPUs without bf16 units oneDNN ignores "bf16", so this equality alone would not show
+    # the pin; the flags seen above do.
+    assert_bitwise(run(x, 20), got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_torch_backend_on_gpu_ignores_tf32(loose_precision):
+    x = gaussian(4, 576, 1024, seed=14, dtype=torch.float32).cuda()
+    loose = run(x, 96)
+    torch.set_float32_matmul_precision("highest")
+    assert_bitwise(run(x, 96), loose)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. torch.compile(dynamic=True) on the wrappers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_wrappers_compile_with_dynamic_shapes_and_symbolic_floats(compiler):
+    def both(x: torch.Tensor, keep: int, ridge: float):
+        dense = apet_kernels.compress(x, keep, ridge=ridge)
+        S, N, D = x.shape
+        packed = apet_kernels.compress_varlen(x.reshape(S * N, D), [N] * S, keep, ridge=ridge)
+        return (*dense, *packed)
+
+    compiled = torch.compile(both, fullgraph=True, dynamic=True, backend=compiler)
+    for shape, keep, ridge in [
+        ((2, 40, 8), 7, 1e-4),
+        ((3, 33, 8), 9, 2e-4),
+        ((1, 50, 16), 12, 0.0),
+    ]:
+        x = gaussian(*shape, seed=keep, dtype=torch.float32)
+        assert_bitwise(compiled(x, keep, ridge), both(x, keep, ridge))
+    with pytest.raises(Exception, match="ridge must be a finite float"):
+        compiled(x, keep, -1.0)
