@@ -34,6 +34,7 @@ from backend_checks import (
     gaussian,
     oracle_dense,
     oracle_varlen,
+    rank_deficient,
 )
 
 import apet_kernels
@@ -290,6 +291,55 @@ def test_emulated_nan_inf_and_degenerate_inputs(emulator):
     out, kept, assign = emulate(emulator, x, seqlens, keeps)
     assert_valid_indices(kept, assign, seqlens, keeps)
     assert torch.isfinite(out[25:]).all()  # the all-zero and duplicate segments stay finite
+
+
+def test_emulated_ridge_zero_rank_deficient_basis_keeps_what_torch_keeps(emulator):
+    # SPEC ridge rule (docs/SPEC.md): pivots below τ = max(λ, 2^-16·trace(G)/m) become τ. The
+    # kernel before the rule (unclamped pivots, commit 7c23dd1) kept other tokens on all six
+    # seeds here (measured once with an emulator built from that commit's csrc/).
+    for seed in range(6):
+        x = rank_deficient(seed=seed).float()
+        got = emulate(emulator, x, [56], [15], ridge=0.0)
+        torch_kept = apet_kernels.compress(x[None], 15, ridge=0.0, backend="torch").kept[0]
+        assert torch.isfinite(got[0]).all()
+        assert torch.equal(got[1], torch_kept), (seed, got[1].tolist(), torch_kept.tolist())
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_keep_all_returns_negative_zero(emulator, dtype):
+    x = gaussian(60, 8, seed=20, dtype=dtype)
+    x[x.abs() < 0.6] = -0.0
+    assert bool(torch.signbit(x[x == 0]).all())
+    for merge in (True, False):
+        # A K = N segment beside one that compresses (so the merge kernels run) and alone.
+        mixed = emulate(emulator, x, [30, 30], [30, 9], merge=merge)
+        assert torch.equal(_bits(mixed[0][:30]), _bits(x[:30]))
+        alone = emulate(emulator, x, [60], [60], merge=merge)
+        assert torch.equal(_bits(alone[0]), _bits(x))
+    assert not torch.equal(_bits(x + 0.0), _bits(x))  # the check sees a lost sign
+
+
+def test_emulated_segment_alone_equals_it_in_a_pack(emulator):
+    # SPEC.md: a segment's outputs are bitwise the same alone and in any pack. Near-tie data
+    # (cyclic shifts of one vector: every distance to the mean ties up to rounding).
+    u = gaussian(3, 48, seed=21)
+    x = torch.cat(
+        [torch.stack([torch.roll(u[s], i) for i in range(n)]) for s, n in enumerate([48, 30, 48])]
+    )
+    seqlens, keeps = [48, 0, 30, 48], [12, 0, 30, 5]
+    packed = emulate(emulator, x, seqlens, keeps)
+    start = out_start = 0
+    for n, k in zip(seqlens, keeps, strict=True):
+        if n:
+            out, kept, assign = emulate(emulator, x[start : start + n], [n], [k])
+            assert torch.equal(_bits(packed[0][out_start : out_start + k]), _bits(out))
+            assert torch.equal(packed[1][out_start : out_start + k], kept + start)
+            assert torch.equal(packed[2][start : start + n], assign + out_start)
+        start, out_start = start + n, out_start + k
 
 
 def many_segments() -> tuple[list[int], list[int]]:
