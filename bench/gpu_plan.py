@@ -380,7 +380,9 @@ class Plan:
         for run in summary["pytest"]:
             print(f"  pytest: {run['counts']} failed {run['failed'] or 'none'}")
         errors = [r for r in summary["other"] if r["kind"] == "error"]
-        print(f"  errors: {len(errors)}")
+        print(f"  errors: {len(errors)} {[r.get('case') for r in errors][:8] or ''}")
+        for line in _headlines(summary):
+            print(f"  {line}")
         files = summary["files"]
         verdict = "ok" if len(files) <= plan_record.MAX_FILES else "TOO MANY"
         print(
@@ -388,6 +390,30 @@ class Plan:
             f"{', '.join(files)}",
             flush=True,
         )
+
+
+def _headlines(summary: dict) -> list[str]:
+    """One line per microbenchmark shape (median ms per provider, Triton's graph replay) and per
+    e2e architecture and batch (prefill ms per variant): the end of the output the device tool
+    shows first."""
+    lines = []
+    graphs = {(g["shape"], g["provider"]): g.get("median_ms") for g in summary["graphs"]}
+    by_shape: dict[str, list[str]] = {}
+    for r in summary["microbench"]:
+        if r.get("status") == "ok":
+            graph = graphs.get((r["shape"], r["provider"]))
+            text = f"{r['provider']} {r['median_ms']:.3f}"
+            by_shape.setdefault(r["shape"], []).append(
+                text + (f" (graph {graph:.3f})" if graph is not None else "")
+            )
+    lines += [f"micro {shape} ms: {', '.join(parts)}" for shape, parts in by_shape.items()]
+    by_run: dict[tuple, list[str]] = {}
+    for r in summary["e2e"]:
+        if r.get("status") == "ok":
+            key = (r["arch"], r["batch"])
+            by_run.setdefault(key, []).append(f"{r['variant']} {r['prefill_ms']:.1f}")
+    lines += [f"e2e {a} B={b} prefill ms: {', '.join(v)}" for (a, b), v in by_run.items()]
+    return lines
 
 
 def _pump(stream, log) -> None:

@@ -157,24 +157,30 @@ def _name(dtype: torch.dtype) -> str:
 
 def phase_merge_dot(ctx: Context) -> None:
     """fp16/bf16 input takes the tensor-core ``tl.dot`` merge path (no upcast), which no CPU run
-    executes (the interpreter forces the fp32 upcast): checked first, on small and real shapes,
-    on spread data and on plain Gaussian data (where near-ties are allowed)."""
-    cases = TINY_SHAPES if ctx.selftest else (("small", 2, 577, 64, 144), REAL_SHAPES[0])
-    for dtype in ctx.pick(HALF):
-        for name, S, N, D, K in ctx.pick(cases):
-            for data in ctx.pick(("gaussian", "spread")):
-                case = f"triton dense {name} {S}x{N}x{D} k{K} {_name(dtype)} {data}"
-                if not ctx.has_time(case, 5):
-                    return
+    executes (the interpreter forces the fp32 upcast): checked first, both dtypes at a small
+    shape (plain Gaussian data, as tests/ops/test_gpu.py, and spread data), then at LLaVA's
+    1x576x1024 (spread data only: plain Gaussian tokens at D = 1024 have approximation errors
+    close enough for fp32 rounding to change the kept set, which would read as a failure)."""
+    small = ("small", 2, 577, 64, 144)
+    cases = [(*small, "gaussian"), (*small, "spread"), (*REAL_SHAPES[0], "spread")]
+    if ctx.selftest:
+        cases = [(*TINY_SHAPES[0], "gaussian")]
+    for name, S, N, D, K, data in cases:
+        for dtype in ctx.pick(HALF):
+            case = f"triton dense {name} {S}x{N}x{D} k{K} {_name(dtype)} {data}"
+            if not ctx.has_time(case, 5):
+                return
+            run = partial(_merge_case, ctx, S, N, D, K, dtype, data)
+            _guarded(ctx, case, run)
 
-                def run(S=S, N=N, D=D, K=K, dtype=dtype, data=data) -> dict:
-                    x = plan_checks.spread_input(S, N, D, dtype, ctx.device, seed=1)
-                    if data == "gaussian":
-                        gen = torch.Generator(device=ctx.device).manual_seed(2)
-                        x = torch.randn(S, N, D, generator=gen, device=ctx.device).to(dtype)
-                    return plan_checks.dense_vs_oracle(x, K, "triton")[0]
 
-                _guarded(ctx, case, run)
+def _merge_case(ctx: Context, S, N, D, K, dtype, data: str) -> dict:
+    if data == "gaussian":
+        gen = torch.Generator(device=ctx.device).manual_seed(2)
+        x = torch.randn(S, N, D, generator=gen, device=ctx.device).to(dtype)
+    else:
+        x = plan_checks.spread_input(S, N, D, dtype, ctx.device, seed=1)
+    return plan_checks.dense_vs_oracle(x, K, "triton")[0]
 
 
 def correctness(ctx: Context, backend: str) -> None:
