@@ -2,9 +2,10 @@
 
 Stages, named as in the reference backend, one module each: ``fps`` (basis + norms + dot
 products), ``residual`` (Gram solve, approximation errors as selection keys), ``select``
-(threshold select + ascending compaction), ``merge`` (GEMM-argmax assignment + deterministic
-mean); ``launcher`` chains them. Importing this module imports triton; ``import apet_kernels``
-does not (dispatch imports backends on first use).
+(threshold select + ascending compaction), ``merge`` (duplicate scan, GEMM-argmax assignment,
+deterministic mean); ``launcher`` chains them and owns their device state (``Plan``);
+``warmup`` compiles the kernel variants before serving. Importing this module imports triton;
+``import apet_kernels`` does not (dispatch imports backends on first use).
 """
 
 from __future__ import annotations
@@ -52,14 +53,16 @@ def unavailable_reason(x: torch.Tensor) -> str | None:
 
 
 def compress_dense(
-    x: torch.Tensor, keep: int, num_basis: int, ridge: float, merge: bool
+    x: torch.Tensor, keep: int, num_basis: int, ridge: float, merge: bool, plan=None
 ) -> Outputs:
     """Dense op: ``x (S, N, D)`` -> ``out (S, K, D)`` x.dtype, ``kept (S, K)`` int64 ascending,
-    ``assign (S, N)`` int64 (SPEC.md). Arguments are validated by the caller."""
+    ``assign (S, N)`` int64 (SPEC.md). Arguments are validated by the caller. ``plan``: a
+    ``Plan([N] * S, [keep] * S, num_basis, x.dtype, D, x.device)`` the caller owns (see
+    ``launcher``), or None for the module's cache."""
     from .launcher import run
 
     S, N, D = x.shape
-    out, kept, assign = run(x, [N] * S, [keep] * S, num_basis, ridge, merge, dense=True)
+    out, kept, assign = run(x, [N] * S, [keep] * S, num_basis, ridge, merge, True, plan)
     return out.view(S, keep, D), kept.view(S, keep), assign.view(S, N)
 
 
@@ -70,9 +73,29 @@ def compress_varlen(
     num_basis: int,
     ridge: float,
     merge: bool,
+    plan=None,
 ) -> Outputs:
     """Varlen op on packed ``x (T, D)``: ``out (ΣK, D)``, ``kept (ΣK,)`` global rows of x,
-    ``assign (T,)`` global output rows (-1 for dropped tokens when not merging)."""
+    ``assign (T,)`` global output rows (-1 for dropped tokens when not merging). ``plan``: a
+    ``Plan(seqlens, keeps, ...)`` the caller owns, or None."""
     from .launcher import run
 
-    return run(x, list(seqlens), list(keeps), num_basis, ridge, merge, dense=False)
+    return run(x, list(seqlens), list(keeps), num_basis, ridge, merge, False, plan)
+
+
+def warmup(D: int, dtype: torch.dtype, device="cuda", **options) -> int:
+    """Compile the kernel variants for inputs of width D and ``dtype`` before serving or
+    capturing (``warmup.warmup`` documents the options)."""
+    from .warmup import warmup as _warmup
+
+    return _warmup(D, dtype, device, **options)
+
+
+def __getattr__(name: str):
+    # Plan and release_captured_plans live in the launcher, which imports the kernels: load it
+    # on first use so that importing this module stays cheap.
+    if name in ("Plan", "release_captured_plans"):
+        from . import launcher
+
+        return getattr(launcher, name)
+    raise AttributeError(name)

@@ -33,6 +33,9 @@ SEG_COLS = tl.constexpr(5)
 # Sentinel index that loses every "lowest index" tie-break. Indices within a segment are int32
 # (N_s < 2**31); only offsets into x and packed buffers are int64.
 BIG_INDEX = tl.constexpr(2**31 - 1)
+# Centroid sum chunking (``mean_chunks``): one chunk per CHUNK_TOKENS tokens, at most MAX_CHUNKS.
+CHUNK_TOKENS = tl.constexpr(256)
+MAX_CHUNKS = tl.constexpr(16)
 
 
 @triton.jit
@@ -67,6 +70,14 @@ def block_argmax(score, idx, valid):
 
 
 @triton.jit
+def mean_chunks(n_s):
+    """Token chunks of a segment's centroid sum: ``min(MAX_CHUNKS, cdiv(n_s, CHUNK_TOKENS))``, a
+    function of the segment's length alone, so its mean is summed in the same order alone and in
+    any batch (a chunk count set by the batch size or SM count would change the order)."""
+    return tl.minimum(tl.cdiv(n_s, CHUNK_TOKENS), MAX_CHUNKS)
+
+
+@triton.jit(do_not_specialize=["n_div", "stride_s", "NC"])
 def fps_mean_kernel(
     x_ptr, seg_ptr, part_ptr,
     n_div, stride_s, stride_n, stride_d, D, NC,
@@ -74,15 +85,19 @@ def fps_mean_kernel(
 ):  # fmt: skip
     """Partial token sums: ``part (S, NC, D)`` fp32, grid ``(S, cdiv(D, BLOCK_D), NC)``.
 
-    Chunk ``c`` of segment ``s`` sums tokens ``[c * ceil(N_s/NC), ...)``; empty chunks write
-    zeros, so the consumer can always add all NC partials in order (deterministic).
+    Segment ``s`` has ``C_s = mean_chunks(N_s) <= NC`` chunks; chunk ``c < C_s`` sums tokens
+    ``[c * ceil(N_s/C_s), ...)``, programs with ``c >= C_s`` return. The consumer adds the C_s
+    partials in chunk order.
     """
     s = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     c = tl.program_id(2)
     tok0 = tl.load(seg_ptr + s * SEG_COLS + SEG_TOK)
     n_s = tl.load(seg_ptr + s * SEG_COLS + SEG_LEN)
-    chunk = tl.cdiv(n_s, NC)
+    n_chunks = mean_chunks(n_s)
+    if c >= n_chunks:
+        return
+    chunk = tl.cdiv(n_s, n_chunks)
     lo = c * chunk
     hi = tl.minimum(lo + chunk, n_s)
     base = row_offset(tok0, n_div, stride_s, stride_n)
@@ -121,12 +136,16 @@ def _previous_pick(pval_ptr, pidx_ptr, parity, NBT, first_blk, n_blk, n_s, BLOCK
     return tl.minimum(tl.maximum(best_idx, 0), n_s - 1)
 
 
-@triton.jit(do_not_specialize=["step"])
+# Scalars that change with the batch (step, token and block counts, n_div, stride_s) are not
+# specialized: Triton would otherwise compile a new variant whenever one of them happens to be 1
+# or a multiple of 16. stride_n, stride_d and D keep their specialization (stride_d == 1 and
+# 16-divisible rows and widths are what allow vectorized loads).
+@triton.jit(do_not_specialize=["step", "T", "NBT", "M_MAX", "n_div", "stride_s", "NC"])
 def fps_step_kernel(
     x_ptr, seg_ptr, blk_ptr, segblk_ptr, mean_ptr,
     dist_ptr, sqnorm_ptr, dots_ptr, basis_ptr, pval_ptr, pidx_ptr,
     step, T, NBT, M_MAX, n_div, stride_s, stride_n, stride_d, D, NC,
-    FIRST: tl.constexpr, OFF32: tl.constexpr, NCP: tl.constexpr,
+    FIRST: tl.constexpr, OFF32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """One FPS step over a 1-D grid of token blocks (``blk (NBT, 2)``: segment, local start).
@@ -152,16 +171,14 @@ def fps_step_kernel(
     acc_dist = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_aux = tl.zeros([BLOCK_N], dtype=tl.float32)  # ||v||^2 (step 0) or v · b (later steps)
     if FIRST:
-        c = tl.arange(0, NCP)
+        n_chunks = mean_chunks(n_s)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_mask = d < D
-            part = tl.load(
-                mean_ptr + (s * NC + c[:, None]) * D + d[None, :],
-                mask=(c < NC)[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            mean = tl.div_rn(tl.sum(part, axis=0), n_s.to(tl.float32))
+            total = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for c in range(n_chunks):  # in chunk order: the sum's order is the segment's own
+                total += tl.load(mean_ptr + (s * NC + c) * D + d, mask=d_mask, other=0.0)
+            mean = tl.div_rn(total, n_s.to(tl.float32))
             v_ptrs = x_seg + v_off + local_offset(d, stride_d, OFF32)[None, :]
             v = tl.load(v_ptrs, mask=i_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
             diff = tl.where(d_mask[None, :], v - mean[None, :], 0.0)

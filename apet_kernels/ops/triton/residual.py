@@ -27,6 +27,7 @@ import triton.language as tl
 from .fps import SEG_COLS, SEG_KEEP, SEG_LEN, SEG_M, SEG_TOK
 
 FLT_MIN = tl.constexpr(1.17549435e-38)
+PIVOT_SCALE = tl.constexpr(2.0**-16)  # the ridge rule's relative pivot floor
 
 
 @triton.jit
@@ -44,10 +45,12 @@ def _cholesky(a, m, floor, MP: tl.constexpr):
     """Lower Cholesky factor of the leading ``m x m`` block of the SPD ``a (MP, MP)``
     (right-looking, in registers); rows and columns ``>= m`` of the factor are zero.
 
-    A pivot of ``G + λI`` with G PSD is mathematically ``>= λ``; fp32 rounding on rank-deficient
-    bases (duplicate tokens) can push it below, so it is clamped at ``floor`` (= λ), which keeps
-    L finite and well scaled. The clamp is a compare-and-select, not ``tl.maximum``, so a NaN
-    pivot stays NaN on the GPU too (PTX ``max.f32`` would drop it).
+    The ridge rule (docs/SPEC.md): columns in order j = 0..m-1, and a pivot
+    ``p_j = A_jj - Σ_{k<j} L_jk²`` below ``floor`` (τ) is replaced by τ. A pivot of ``G + λI``
+    with G PSD is mathematically ``>= λ``; fp32 rounding on rank-deficient bases (duplicate
+    tokens) can push it below, or to 0 when ridge = 0, and τ keeps L finite and well scaled. The
+    rule is a compare-and-select, not ``tl.maximum``, so a NaN pivot stays NaN on the GPU too
+    (PTX ``max.f32`` would drop it).
     """
     r = tl.arange(0, MP)
     lower = tl.zeros([MP, MP], dtype=tl.float32)
@@ -63,7 +66,7 @@ def _cholesky(a, m, floor, MP: tl.constexpr):
     return lower
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "M_MAX"])
 def residual_kernel(
     seg_ptr, blk_ptr, sqnorm_ptr, dots_ptr, basis_ptr, key_ptr,
     ridge, T, M_MAX,
@@ -95,8 +98,13 @@ def residual_kernel(
     gram = 0.5 * (gram + tl.trans(gram))
     trace = tl.sum(tl.sum(tl.where(r[:, None] == r[None, :], gram, 0.0), axis=1), axis=0)
     lam = tl.div_rn(ridge * trace, m_s.to(tl.float32)) + FLT_MIN
+    # Pivot floor τ = max(λ, 2^-16 · trace(G)/m): λ for the default ridge, and a floor scaled
+    # with the basis when ridge is 0 (λ = FLT_MIN alone would let a rank-deficient basis blow
+    # α up). Scaling by 2^-16 is exact; compare-and-select keeps a NaN trace NaN.
+    scaled = tl.div_rn(trace, m_s.to(tl.float32)) * PIVOT_SCALE
+    floor = tl.where(scaled > lam, scaled, lam)
     system = gram + tl.where((r[:, None] == r[None, :]) & pair, lam, 0.0)
-    lower = _cholesky(system, m_s, lam, MP)
+    lower = _cholesky(system, m_s, floor, MP)
 
     i = local0 + tl.arange(0, BLOCK_N)
     i_mask = i < n_s

@@ -37,7 +37,7 @@ def _count_at_least(key_ptr, tok0, n_s, first_keys, thr, BLOCK: tl.constexpr):
     return count
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_MAX"])
 def select_kernel(
     seg_ptr, key_ptr, basis_ptr, kept_ptr, assign_ptr, M_MAX,
     LOCAL: tl.constexpr, BLOCK: tl.constexpr,
