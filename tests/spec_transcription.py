@@ -1,8 +1,9 @@
 """SPEC.md transcribed line by line: one segment at a time, Python loops, float64.
 
 An oracle independent of ``apet_kernels.ops.reference``: it shares no code with it and takes
-the direct routes the spec states (explicit min over basis distances, ``torch.linalg.solve`` and
-the residual ``||v - Bᵀα||`` rather than the norm identity, a per-token loop for the merge).
+the direct routes the spec states (explicit min over basis distances, the ridge rule's Cholesky
+written out scalar by scalar and the residual ``||v - Bᵀα||`` rather than the norm identity, a
+per-token loop for the merge).
 Slow on purpose; use small shapes.
 """
 
@@ -33,14 +34,38 @@ def fps_picks(v: torch.Tensor, m: int) -> list[int]:
     return picks
 
 
+def ruled_solve(A: list[list[float]], c: list[float], tau: float) -> list[float]:
+    """α = A⁻¹c by docs/SPEC.md's ridge rule, scalar by scalar: Cholesky in column order with
+    each pivot p_k < τ replaced by τ, then forward and back substitution."""
+    m = len(A)
+    L = [[0.0] * m for _ in range(m)]
+    for k in range(m):
+        p = A[k][k] - sum(L[k][j] ** 2 for j in range(k))
+        L[k][k] = (tau if p < tau else p) ** 0.5
+        for i in range(k + 1, m):
+            L[i][k] = (A[i][k] - sum(L[i][j] * L[k][j] for j in range(k))) / L[k][k]
+    y = [0.0] * m
+    for r in range(m):
+        y[r] = (c[r] - sum(L[r][k] * y[k] for k in range(r))) / L[r][r]
+    alpha = [0.0] * m
+    for r in reversed(range(m)):
+        alpha[r] = (y[r] - sum(L[k][r] * alpha[k] for k in range(r + 1, m))) / L[r][r]
+    return alpha
+
+
 def errors(v: torch.Tensor, basis: list[int], ridge: float) -> torch.Tensor:
-    """``e_i = ||v_i - Bᵀα_i||`` with ``α_i = (G + λI)^-1 B v_i`` for one segment, ``(N,)``."""
+    """``e_i = ||v_i - Bᵀα_i||`` with ``α_i = (G + λI)^-1 B v_i`` (by the ridge rule) for one
+    segment, ``(N,)``."""
     B = v[basis]
     m = len(basis)
     G = B @ B.T
-    lam = ridge * float(torch.trace(G)) / m + FLT_MIN
-    alpha = torch.linalg.solve(G + lam * torch.eye(m, dtype=v.dtype), B @ v.T)  # (m, N)
-    return (v - alpha.T @ B).norm(dim=1)
+    mean_diag = float(torch.trace(G)) / m
+    lam = ridge * mean_diag + FLT_MIN
+    tau = max(lam, 2.0**-16 * mean_diag)
+    A = (G + lam * torch.eye(m, dtype=v.dtype)).tolist()
+    C = (B @ v.T).T.tolist()  # (N, m): c_i = B v_i
+    alpha = torch.tensor([ruled_solve(A, c, tau) for c in C], dtype=v.dtype)  # (N, m)
+    return (v - alpha @ B).norm(dim=1)
 
 
 def compress_segment(

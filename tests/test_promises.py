@@ -9,6 +9,7 @@ The CUDA backend's side of these runs in tests/ops/test_cuda.py (emulated).
 from __future__ import annotations
 
 import pytest
+import spec_transcription as spec
 import torch
 from backend_checks import gaussian, rank_deficient
 
@@ -207,6 +208,16 @@ def test_ridge_zero_rank_deficient_basis_gives_finite_errors_and_the_float64_cho
     got = run(x, 15, ridge=0.0)
     assert torch.isfinite(got.tokens).all()
     assert torch.equal(got.kept, run(x.double(), 15, ridge=0.0).kept)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 4])
+def test_ridge_zero_matches_the_spec_transcription(seed):
+    # The rule written out scalar by scalar (tests/spec_transcription.py) against the backend.
+    x = rank_deficient(seed=seed)[None]
+    want = spec.compress_dense(x, 15, 10, 0.0, True)
+    got = run(x, 15, ridge=0.0)
+    assert torch.equal(got.kept, want[1]) and torch.equal(got.assign, want[2])
+    torch.testing.assert_close(got.tokens, want[0], atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("seed", [1, 4])
