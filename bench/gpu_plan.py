@@ -271,7 +271,10 @@ class Plan:
         elif left < MIN_PHASE_S:
             status, note = "skipped", f"{left:.0f} s left"
         else:
-            print(f"== phase {phase.name}: {phase.what} ({left:.0f} s)", flush=True)
+            elapsed = t0 - self.start
+            print(
+                f"== [{elapsed:5.0f} s] phase {phase.name} ({left:.0f} s): {phase.what}", flush=True
+            )
             status, note = self._phase_body(phase, deadline, left)
         self.rec.write(
             "phase",
