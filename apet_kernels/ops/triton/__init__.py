@@ -24,9 +24,10 @@ except ImportError as exc:  # the backend then reports itself unavailable instea
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 # Largest m = min(num_basis, K) the residual stage takes: its (MP, MP) register tiles need
-# 64 KB of shared memory for layout conversions at MP = 128 and 256 KB at MP = 256, more than an
-# H100 block may use (227 KB), so larger bases cannot launch (ptxas, sm_90). Dispatch reads it:
-# auto falls back to the next backend for larger bases.
+# 64 KB of shared memory for layout conversions at MP = 128 (65536 bytes, sm_90, in
+# tests/ops/triton_compile_check.py), and a tile of 4x the elements at MP = 256 would need
+# about 256 KB, more than an H100 block may use (227 KB). Dispatch reads it: auto falls back to
+# the next backend for larger bases.
 MAX_BASIS = 128
 
 

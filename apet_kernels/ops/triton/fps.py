@@ -51,8 +51,7 @@ def row_offset(g, n_div, stride_s, stride_n):
 def local_offset(idx, stride, OFF32: tl.constexpr):
     """``idx * stride`` within one segment (token rows and feature columns alike): int32 when the
     launcher proved every in-segment offset fits (``OFF32``), which keeps gathered pointer tiles
-    from holding 64-bit offsets in registers (measured with ptxas for sm_90: 249 -> 128
-    registers for a 32x128 FPS tile); int64 otherwise, where ``d * stride_d`` alone may pass
+    from holding 64-bit offsets in registers; int64 otherwise, where ``d * stride_d`` alone may pass
     2**31 (e.g. a transposed ``(T, D)`` view with ``stride_d = T``)."""
     if OFF32:
         return idx.to(tl.int32) * stride
