@@ -14,7 +14,7 @@ import reference
 import torch
 import transformers
 from packaging.version import Version
-from tiny_vlms import BUDGETS, BUILDERS, NUM_LAYERS, PROMPTS, SUPPRESS
+from tiny_vlms import BUDGETS, BUILDERS, NUM_LAYERS, PROMPTS, SUPPRESS, patching
 
 from apet_kernels.integrations import apply_apet, last_selection, remove_apet, supported_model_types
 
@@ -35,15 +35,7 @@ def built(name: str, attn: str = "sdpa"):
 @pytest.fixture
 def patched():
     """Yields a helper that patches a model, and removes every patch after the test."""
-    models = []
-
-    def patch(model, **cfg):
-        models.append(model)
-        return apply_apet(model, **cfg)
-
-    yield patch
-    for model in models:
-        remove_apet(model)
+    yield from patching()
 
 
 @torch.no_grad()

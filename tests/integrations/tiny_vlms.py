@@ -295,3 +295,19 @@ BUDGETS = {
 }
 #: token ids generate must not produce (placeholders would break a no-cache re-run).
 SUPPRESS = [IMAGE_ID, VIDEO_ID, 252, 253]
+
+
+def patching():
+    """Body of the test modules' ``patched`` fixture: yields ``patch(model, **cfg)`` (apply_apet)
+    and removes every patch it made afterwards."""
+    from apet_kernels.integrations import apply_apet, remove_apet
+
+    models = []
+
+    def patch(model, **cfg):
+        models.append(model)
+        return apply_apet(model, **cfg)
+
+    yield patch
+    for model in models:
+        remove_apet(model)

@@ -10,8 +10,11 @@
   rotary embeddings, masks and the per-layer KV cache stay consistent through prefill and decode.
 
 Outputs (logits, hidden states, loss) cover the compressed sequence. ``last_selection(model)``
-tells which tokens each stage kept. Supported transformers: ``SUPPORTED_TRANSFORMERS`` (tested
-with 5.17 and 5.23); attention: "sdpa", "eager" (tested) and "flash_attention_2" (untested);
+tells which tokens each stage kept and maps every output row to its prompt column
+(``output_columns``, ``stage1_columns``; per thread). Supported transformers:
+``SUPPORTED_TRANSFORMERS`` (tested with 5.17, 5.19 and 5.24; what differs between releases is
+detected by feature in ``_compat``); attention: "sdpa", "eager" (tested) and "flash_attention_2"
+(untested);
 caches: ``DynamicCache`` (what ``generate`` uses by default). The op is inference-only (it
 detaches): a loss reaches the decoder, the text embeddings and the LLaVA projector, never the
 vision stage, and the visual tokens compressed at ``layer`` pass no gradient back before it.
@@ -22,6 +25,16 @@ decode steps check the cache lengths against the attention mask and refuse sever
 once without one, so these raise rather than feed the wrong tokens. A manual decode loop that
 feeds several tokens at once passes the full (uncompressed) attention mask. Beam search and
 ``num_return_sequences`` work: each copy of a row gets that row's images.
+
+Concurrent forwards (threads) on one patched model are independent: each call's state travels
+with the call. Gradient checkpointing works (tested on every tested release).
+
+Data path, one file per step: ``_interface`` (what a model shim provides) -> the model files
+(vision stage) -> ``_stage1`` (compress units, drop placeholder columns, re-pad, embed; the
+compress -> relayout -> scatter step both stages share is ``_squeeze``) -> ``_stage2`` (decoder
+layer hooks) -> ``_decode`` (decode steps on the compressed cache); ``_forward`` routes a call,
+``_generate`` repeats visual items for beams, ``_state`` holds per-model/per-call/per-cache
+state, ``_patch`` is the public API.
 
 Example:
     >>> from apet_kernels.integrations import apply_apet, last_selection

@@ -20,29 +20,43 @@ class Relayout(NamedTuple):
         index: ``(B, L')`` int64 source column of every new column (0 in padding slots).
         valid: ``(B, L')`` bool, False in padding slots (the new attention mask).
         newcol: ``(B, L)`` int64 new column of every source column, -1 where dropped.
+        counts: host ints, the kept columns of every row (``L' = max(counts)``).
     """
 
     index: torch.Tensor
     valid: torch.Tensor
     newcol: torch.Tensor
+    counts: list[int]
 
 
-def relayout(keep: torch.Tensor, left: bool) -> Relayout:
+def relayout(keep: torch.Tensor, left: bool, counts: list[int] | None = None) -> Relayout:
     """Keep the True columns of ``keep (B, L)`` in order, padding rows to the longest on the
-    ``left`` (or right). Syncs once (the new width is a host int); prefill only."""
-    batch, _ = keep.shape
+    ``left`` (or right).
+
+    Args:
+        keep: ``(B, L)`` bool.
+        left: pad on the left (else the right).
+        counts: the True count of every row when the host knows it (stage 2 does); without it,
+            the counts are read back once (a sync).
+    """
+    batch, length = keep.shape
     count = keep.sum(1)
-    width = int(count.max()) if batch else 0
+    if counts is None:
+        counts = count.tolist()
+    width = max(counts, default=0)
     rank = keep.long().cumsum(1) - 1
+    slot = torch.arange(width, device=keep.device)
     if left:
         rank = rank + (width - count)[:, None]
+        valid = slot[None] >= (width - count)[:, None]
+    else:
+        valid = slot[None] < count[:, None]
     newcol = torch.where(keep, rank, torch.full_like(rank, -1))
-    index = keep.new_zeros(batch, width, dtype=torch.long)
-    valid = keep.new_zeros(batch, width)
-    rows, cols = keep.nonzero(as_tuple=True)
-    index[rows, newcol[rows, cols]] = cols
-    valid[rows, newcol[rows, cols]] = True
-    return Relayout(index, valid, newcol)
+    # Dropped columns scatter into a scratch column past the end, so no nonzero (a sync).
+    target = torch.where(keep, rank, torch.full_like(rank, width))
+    source = torch.arange(length, device=keep.device).expand(batch, -1)
+    index = keep.new_zeros(batch, width + 1, dtype=torch.long).scatter_(1, target, source)
+    return Relayout(index[:, :width], valid, newcol, list(counts))
 
 
 def is_left_aligned(mask: torch.Tensor | None) -> bool:

@@ -10,18 +10,24 @@ import transformers
 from packaging.version import Version
 from torch import nn
 
-from ._common import Patch, Shim, expand_for_generation, make_layer_hook, patched_forward
 from ._config import ApetConfig
+from ._forward import patched_forward
+from ._generate import expand_for_generation
+from ._interface import Shim
 from ._selection import Selection
+from ._stage2 import make_layer_hook
+from ._state import Patch
 from .llava import LlavaShim
 from .llava_next import LlavaNextShim
 from .qwen2_5_vl import Qwen25VLShim
 from .video_llava import VideoLlavaShim
 
-#: transformers versions the shims are tested against (5.17 and 5.23); older versions lack the
-#: cache/mask API they use (``create_causal_mask(layer_idx=...)``, no ``cache_position``).
-SUPPORTED_TRANSFORMERS = ">=5.17,<5.24"
-_MIN, _MAX = Version("5.17"), Version("5.24")
+#: transformers versions the shims are tested against: CI runs the suite on the lowest (5.17)
+#: and the newest release (5.24; 5.19 in the vLLM environment). Older versions lack the cache and
+#: mask API the shims use (``create_causal_mask(layer_idx=...)``, no ``cache_position``); newer
+#: ones warn until CI has run them (what differs between releases is detected in ``_compat``).
+SUPPORTED_TRANSFORMERS = ">=5.17,<5.25"
+_MIN, _MAX = Version("5.17"), Version("5.25")
 
 _SHIMS: dict[str, Shim] = {}
 for _shim in (LlavaShim(), LlavaNextShim(), VideoLlavaShim(), Qwen25VLShim()):
@@ -148,7 +154,8 @@ def apply_apet(model, config: ApetConfig | str | None = None, **overrides):
     )
     if config.layer is not None:
         layers = shim.language_model(model).layers
-        for i in range(config.layer, len(layers)):
+        # every layer takes the call's context out of its keyword arguments (see _stage2)
+        for i in range(len(layers)):
             patch.hooks.append(
                 layers[i].register_forward_pre_hook(make_layer_hook(patch, i), with_kwargs=True)
             )
@@ -224,7 +231,8 @@ def last_selection(model) -> Selection | None:
     patch = model.__dict__.get(_ATTR) if isinstance(model, nn.Module) else None
     if patch is None:
         raise ValueError("model is not patched with apply_apet")
-    return None if patch.selection is None else patch.selection.unpack()
+    raw = patch.last()
+    return None if raw is None else raw.unpack()
 
 
 def is_patched(model) -> bool:

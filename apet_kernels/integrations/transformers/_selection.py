@@ -2,7 +2,9 @@
 
 The shims store the op's packed outputs of the last forward that compressed (a prefill) on the
 patch record; :func:`last_selection` unpacks them into one :class:`UnitSelection` per image unit
-(CPU tensors), for visualisation and debugging. Decode steps never overwrite it.
+(CPU tensors), for visualisation and debugging, and the map from output rows to prompt columns.
+Decode steps never overwrite it. Each thread sees its own last selection (two threads generating
+on one model each read theirs).
 """
 
 from __future__ import annotations
@@ -63,14 +65,25 @@ class UnitSelection:
 class Selection:
     """The selections of one compressing forward.
 
+    The forward's outputs cover the compressed sequence, not the prompt: ``logits[b, i]`` is
+    the output at prompt column ``output_columns[b, i]`` of ``input_ids`` (-1: a padding row).
+    ``hidden_states[j]`` covers the stage-1 sequence (``stage1_columns``) for ``j <= layer``
+    (the embeddings and the outputs of the layers before ``layer``) and the final sequence
+    (``output_columns``) after; without stage 2 both maps are the same. To line up logits with
+    prompt offsets: ``logits[b][output_columns[b] == c]`` is column ``c``'s, if it was kept.
+
     Attributes:
         units: one :class:`UnitSelection` per unit, in packed order: all images (in input order,
             batch row after batch row), then all videos; the units of an item in order.
         layer: the stage-2 layer, None if stage 2 was off.
+        output_columns: ``(B, L_out)`` int64 prompt column of every output row (-1: padding).
+        stage1_columns: ``(B, L1)`` int64 prompt column of every row of the stage-1 sequence.
     """
 
     units: list[UnitSelection]
     layer: int | None
+    output_columns: torch.Tensor | None = None
+    stage1_columns: torch.Tensor | None = None
 
 
 @dataclass
@@ -87,6 +100,8 @@ class RawSelection:
     keep2: list[int] = field(default_factory=list)
     kept2: torch.Tensor | None = None  # (ΣK2,) global rows into the packed stage-1 outputs
     assign2: torch.Tensor | None = None  # (ΣK1,)
+    columns1: torch.Tensor | None = None  # (B, L1) prompt column of each stage-1 row, -1 pad
+    columns: torch.Tensor | None = None  # (B, L_out) prompt column of each output row, -1 pad
 
     def unpack(self) -> Selection:
         """Per-unit CPU tensors with unit-local indices."""
@@ -119,4 +134,9 @@ class RawSelection:
             )
             n0 += n
             k0 += k
-        return Selection(units=units, layer=self.layer if kept2 is not None else None)
+        return Selection(
+            units=units,
+            layer=self.layer if kept2 is not None else None,
+            output_columns=None if self.columns is None else self.columns.cpu(),
+            stage1_columns=None if self.columns1 is None else self.columns1.cpu(),
+        )

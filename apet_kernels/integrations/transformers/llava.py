@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (
-    Placeholder,
-    Shim,
-    VisualInput,
-    clip_unit_grid,
-    same_size_items,
-    tower_features,
-)
 from ._config import ApetConfig
+from ._interface import Placeholder, Shim, VisualInput
 from ._selection import UnitInfo
+from ._vision import clip_unit_grid, same_size_items, tower_features
 
 
 class LlavaShim(Shim):

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from ._common import ItemGroup, Placeholder, Shim, VisualInput, tower_features
 from ._config import ApetConfig
+from ._interface import ItemGroup, Placeholder, Shim, VisualInput
 from ._selection import UnitInfo
+from ._vision import tower_features
 
 
 def _crops_per_image(cfg, image_sizes) -> list[int]:

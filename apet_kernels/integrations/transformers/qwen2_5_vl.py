@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import ItemGroup, Placeholder, Shim, VisualInput
 from ._config import ApetConfig
+from ._interface import ItemGroup, Placeholder, Shim, VisualInput
 from ._selection import UnitInfo
 
 
