@@ -5,7 +5,8 @@ The baseline is another checkout's ``apet_kernels/ops`` directory (e.g. from
 ``git archive <rev> apet_kernels | tar -x -C /tmp/base``), loaded under another package name, so
 both run in one process and calls alternate: load on a shared machine hits both alike. Both are
 called through ``reference.compress_dense`` (the torch backend's dense entry point, no
-dispatcher). Reported: median and minimum of ``--reps`` calls after one warm-up, wall clock, and
+dispatcher). Reported: median and minimum of ``--reps`` calls after one warm-up (wall clock, or
+with ``--clock cpu`` the process's CPU time, robust to other load at one thread), and
 the FPS stage alone as each version runs it (in segment groups when the module has
 ``group_size``, else the whole batch at once). A report, not a test: nothing is asserted.
 
@@ -53,16 +54,16 @@ def _fps_stage(module: ModuleType, x: torch.Tensor, m: int) -> None:
         module.fps(v, torch.ones(v.shape[0], N, dtype=torch.bool), m)
 
 
-def _alternate(calls: dict, reps: int) -> dict[str, tuple[float, float]]:
+def _alternate(calls: dict, reps: int, clock) -> dict[str, tuple[float, float]]:
     """(median, min) ms of each callable, timed in alternating rounds after one warm-up each."""
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for fn in calls.values():
         fn()
     for _ in range(reps):
         for name, fn in calls.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            samples[name].append((clock() - start) * 1e3)
     return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
 
 
@@ -71,15 +72,24 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, required=True, help="an apet_kernels/ops dir")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--shapes", nargs="+", default=None, help="names from bench/shapes.py")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this process's CPU time (all its threads), which a loaded machine's other "
+        "processes barely touch; at 1 thread it stands for latency",
+    )
     args = parser.parse_args()
     base = _load_baseline(args.baseline)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(f"torch {torch.__version__}; baseline {args.baseline}; new {reference.__file__}")
-    print("ms, median (min) of alternating calls; per-segment = op / S")
+    print(f"ms ({args.clock} clock), median (min) of {args.reps} alternating calls")
     print("| threads | shape | S×N×D keep | op before | op after | fps before | fps after |")
     print("|---|---|---|---|---|---|---|")
     for threads in args.threads:
         torch.set_num_threads(threads)
-        for shape in shapes_mod.FULL:
+        for shape in shapes_mod.by_name(args.shapes, quick=False):
             if shape.cpu_skip_reason("torch") is not None:
                 continue
             S, N, D, K = shape.segments, shape.tokens, shape.dim, shape.keep
@@ -93,6 +103,7 @@ def main() -> None:
                     "fps_after": partial(_fps_stage, reference, x, m),
                 },
                 args.reps,
+                clock,
             )
             cells = " | ".join(f"{t[k][0]:.1f} ({t[k][1]:.1f})" for k in t)
             print(f"| {threads} | {shape.name} | {S}×{N}×{D} k{K} | {cells} |", flush=True)
