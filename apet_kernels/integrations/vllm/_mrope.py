@@ -3,9 +3,9 @@ as the Hugging Face shim numbers them (positions "original"). Pure torch, no vLL
 
 Uncompressed (transformers' ``get_rope_index``), an item that starts at position ``s`` puts its
 token ``(i, y, x)`` of the LLM grid (temporal slice i, row y, column x) at
-``(s + int(i * f), s + y, s + x)`` (f = tokens_per_second * second_per_grid for a video, 0 for
-an image), and the text after it continues at ``s + max(h, w)``. Compressed, the kept tokens keep
-exactly those positions and the text does not move, so:
+``(s + int(i * f), s + y, s + x)`` (f = tokens_per_second * second_per_grid for a video; an
+image is one slice, i = 0), and the text after it continues at ``s + max(h, w)``. Compressed,
+the kept tokens keep exactly those positions and the text does not move, so:
 
 * text positions and every placeholder's t position are functions of the grids and the budget
   alone (each temporal slice keeps ``keep`` tokens, and all tokens of a slice share one t): the
@@ -13,14 +13,15 @@ exactly those positions and the text does not move, so:
 * only a placeholder's (h, w) depends on which token it holds. The encoder output carries each
   kept token's (t, h, w) offsets in 6 extra channels (:func:`encode_offsets`), which
   :func:`fill_positions` writes into the placeholders of the chunk being prefilled, sync-free.
+  The item's start is read back from the placeholder's own (final) t position minus its t
+  offset, so nothing is assumed about the tokens around an item, and writing twice is harmless.
 
 The largest t of every video slice survives compression (every slice keeps >= 1 token), so the
-prompt's maximum position, and with it the first decode position, never depends on the selection
-either: ``max + 1 - len(prompt)`` is the same before and after the encoder, cached prefix or not.
-
-Assumption (what the Qwen processor and chat template always produce): every item's placeholder
-run is preceded by a text token (``<|vision_start|>``), which is where an item's start position
-is read from.
+prompt's maximum position, and with it the first decode position, does not depend on the
+selection either: ``max + 1 - len(prompt)`` is the same before and after the encoder, cached
+prefix or not. (One exception: a prompt whose last token is an item's placeholder, with no token
+after it, where the uncompressed maximum can sit on a dropped token's h or w. The Qwen processor
+and chat template always close an item with ``<|vision_end|>``.)
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 #: extra channels on each kept token of the encoder output: (t, h, w) as (hi, lo) byte pairs, so
-#: every value is an integer below 256, exact in float16 and bfloat16 as well as float32.
+#: (for offsets below 65536) every value is an integer below 256, exact in float16 and bfloat16
+#: as well as float32.
 CHANNELS = 6
 _BYTE = 256
 
@@ -44,7 +46,7 @@ class Item:
         offset: index of its first placeholder token in the prompt.
         length: its placeholder count (``t * keep``).
         t, h, w: its LLM token grid (temporal slices, rows and columns after the 2x2 merger).
-        t_factor: position step between temporal slices (0 for an image, whose t is 0).
+        t_factor: position step between temporal slices (an image has one slice, at t 0).
         keep: tokens kept per temporal slice.
     """
 
@@ -128,8 +130,9 @@ def fill_positions(
     The runner hands over the encoder rows of the step's placeholders in prompt order; they are
     the R placeholders that follow the first ``num_computed_tokens`` prompt tokens (a cached or
     earlier-chunk prefix is skipped, a chunk may start or end inside an item). Each goes to
-    ``start + offset``, with an item's start read from the text token before its placeholder run.
-    No host sync: placeholder ranks come from a cumulative sum, not from ``nonzero``.
+    ``start + offset``, its item's ``start`` being its t position (final since
+    :func:`prompt_positions`) minus its t offset. No host sync: placeholder ranks come from a
+    cumulative sum, not from ``nonzero``.
 
     Args:
         input_ids: ``(N,)`` int64 prompt tokens, on ``positions``' device.
@@ -151,10 +154,6 @@ def fill_positions(
     first = rank[num_computed_tokens - 1] + 1 if num_computed_tokens > 0 else rank.new_zeros(())
     row = rank - first  # its row among the step's offsets
     take = media & (row >= 0) & (row < r)
-    idx = torch.arange(n, device=input_ids.device)
-    last_text = torch.where(media, torch.full_like(idx, -1), idx).cummax(0).values
-    start = torch.where(
-        last_text >= 0, positions[0].gather(0, last_text.clamp(min=0)) + 1, torch.zeros_like(idx)
-    )
-    new = start + offsets[:, row.clamp(0, r - 1)]
+    off = offsets[:, row.clamp(0, r - 1)]
+    new = (positions[0] - off[0]) + off
     return torch.where(take, new, positions)

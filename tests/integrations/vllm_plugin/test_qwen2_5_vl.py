@@ -320,12 +320,10 @@ def _hf_positions(checkpoint, ids, grids, kinds, seconds):
     return pos[:, 0], int(pos.max()) + 1, cfg
 
 
-def test_positions_match_get_rope_index(checkpoint):
-    """prompt_positions + fill_positions (in chunks of every size) == transformers' positions of
-    the uncompressed prompt gathered at the kept tokens, for a random selection."""
-    merge = 2
+#: prompt layouts for the position helpers: n text tokens, or (kind, patch grid, t step)
+LAYOUTS = {
     # text, image 3x4, text, video 3 slices of 2x2 (t step 2), text, image 2x5, text
-    layout = [
+    "text_between": [
         3,
         ("image", (1, 6, 8), 1.0),
         2,
@@ -333,7 +331,19 @@ def test_positions_match_get_rope_index(checkpoint):
         1,
         ("image", (1, 4, 10), 1.0),
         4,
-    ]
+    ],
+    # an image at prompt offset 0 and a video right after it (no text token between)
+    "adjacent": [("image", (1, 4, 6), 1.0), ("video", (4, 2, 4), 3.0), 2],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_positions_match_get_rope_index(checkpoint, layout):
+    """prompt_positions + fill_positions (in chunks of every size, and written twice) ==
+    transformers' positions of the uncompressed prompt gathered at the kept tokens, for a random
+    selection; a wrong offset is caught."""
+    merge = 2
+    layout = LAYOUTS[layout]
     keep = 2
     g = torch.Generator().manual_seed(0)
     full_ids, comp_ids, kept_cols, items, offsets = [], [], [], [], []
@@ -389,9 +399,10 @@ def test_positions_match_get_rope_index(checkpoint):
         for start in range(0, len(comp_ids), step):
             done = int(media[:start].sum())
             r = int(media[start : start + step].sum())
-            pos = _mrope.fill_positions(
-                ids, list(cfg_ids.values()), pos, rows[:, done : done + r], start
-            )
+            chunk = rows[:, done : done + r]
+            pos = _mrope.fill_positions(ids, list(cfg_ids.values()), pos, chunk, start)
+            again = _mrope.fill_positions(ids, list(cfg_ids.values()), pos, chunk, start)
+            assert torch.equal(again, pos)  # idempotent (a drafter may gather a step twice)
         assert torch.equal(pos, want), step
         assert int(pos.max()) + 1 - len(comp_ids) == delta
     # negative control: one kept token's offsets shifted by a column must be caught
@@ -399,3 +410,37 @@ def test_positions_match_get_rope_index(checkpoint):
     bad[2, 0] += 1
     pos = _mrope.fill_positions(ids, list(cfg_ids.values()), init, bad, 0)
     assert not torch.equal(pos, want)
+
+
+def test_encoder_batch_is_one_compress_call_and_equals_each_unit_alone(monkeypatch):
+    """``_compress`` (what embed_multimodal runs on an encoder batch): one compress_varlen call
+    for every unit of every item; each unit's kept tokens equal compressing it alone, and the
+    channels decode to those tokens' (t, h, w) offsets."""
+    import apet_kernels
+    from apet_kernels.integrations.transformers import ApetConfig
+    from apet_kernels.integrations.vllm import qwen2_5_vl as q
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return apet_kernels.compress_varlen(*args, **kwargs)
+
+    monkeypatch.setattr(q, "compress_varlen", counting)
+    cfg = ApetConfig(0.5)
+    budgets = [(1, 3, 4, 6), (2, 2, 2, 2), (1, 2, 5, 5)]  # (t, h, w, keep) as unit_budget gives
+    factors = [1.0, 2.0, 1.0]
+    g = torch.Generator().manual_seed(0)
+    embeds = [torch.randn(t * h * w, 16, generator=g) for t, h, w, _ in budgets]
+    out = q._compress(cfg, embeds, budgets, factors)
+    assert len(calls) == 1 and calls[0] == [12, 4, 4, 10]
+    assert [o.shape for o in out] == [(6, 16 + _mrope.CHANNELS), (4, 22), (5, 22)]
+    for (t, h, w, k), f, x, o in zip(budgets, factors, embeds, out, strict=True):
+        offsets = _mrope.item_offsets(t, h, w, f)
+        for s in range(t):
+            unit = x[s * h * w : (s + 1) * h * w]
+            ref = apet_kernels.compress(unit[None], k)
+            rows = o[s * k : (s + 1) * k]
+            assert torch.equal(rows[:, :16], ref.tokens[0])
+            got = _mrope.decode_offsets(rows[:, 16:]).T
+            assert torch.equal(got, offsets[s * h * w + ref.kept[0]])
