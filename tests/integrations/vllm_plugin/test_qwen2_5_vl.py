@@ -444,3 +444,20 @@ def test_encoder_batch_is_one_compress_call_and_equals_each_unit_alone(monkeypat
             assert torch.equal(rows[:, :16], ref.tokens[0])
             got = _mrope.decode_offsets(rows[:, 16:]).T
             assert torch.equal(got, offsets[s * h * w + ref.kept[0]])
+
+
+@pytest.mark.parametrize(
+    ("vision_keep", "grid", "want"),
+    [
+        (0.5, (1, 6, 8), (1, 3, 4, 6)),  # image: keep_count(12, 0.5)
+        (0.3, (4, 8, 8), (4, 4, 4, 5)),  # video: per temporal slice, keep_count(16, 0.3)
+        (3, (2, 4, 6), (2, 2, 3, 3)),  # an int budget per unit
+        (10, (1, 4, 6), (1, 2, 3, 6)),  # clamped to the unit's length
+    ],
+)
+def test_unit_budget(vision_keep, grid, want):
+    """The placeholder budget is a pure function of the patch grid and the budget."""
+    from apet_kernels.integrations.transformers import ApetConfig
+    from apet_kernels.integrations.vllm.qwen2_5_vl import unit_budget
+
+    assert unit_budget(ApetConfig(vision_keep), grid, 2) == want
