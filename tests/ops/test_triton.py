@@ -116,7 +116,7 @@ def test_gpu_config_is_valid(n_max, m_max, dtype):
     assert all(v >= 1 and v & (v - 1) == 0 for v in blocks.values()), blocks  # powers of two
     assert min(cfg.merge_n, cfg.merge_k, cfg.merge_d) >= 16  # tl.dot's minimum block
     assert cfg.fps_n * cfg.fps_d // (32 * cfg.fps_warps) <= 16
-    # Residual (BLOCK_N, MP) tiles: at most 32 fp32 values per thread each (no spills, sm_90).
+    # Residual (BLOCK_N, MP) tiles: at most 32 fp32 values per thread each.
     mp = launcher._basis_tile(m_max)
     assert cfg.residual_n * mp // (32 * cfg.residual_warps) <= 32
 

@@ -11,9 +11,10 @@ a subprocess; ``tools/triton_version_check.sh`` runs it under another triton rel
    (``enable_fp_fusion`` included). Nothing is launched: the hook returns before compiling,
    so the outputs stay garbage and nothing downstream reads them on the host.
 2. Every distinct variant is compiled to an sm_90 cubin (frontend, layouts, ptxas) with those
-   signatures and options; the report gives registers, spill (local) bytes and shared memory
-   per variant, from ``cuobjdump -res-usage`` on the cubin, and shared memory is checked
-   against an H100 block's limit.
+   signatures and options; the report gives registers, local and stack bytes per thread
+   (ptxas spills land in the stack frame) and shared memory per variant, from
+   ``cuobjdump -res-usage`` on the cubin, and shared memory is checked against an H100 block's
+   limit.
 3. ``warmup(D, dtype)`` is checked to compile every variant that calls of other batch
    compositions (segment counts, lengths, totals, packs) request: no recompiles mid-serving.
 """
@@ -216,6 +217,7 @@ def main() -> None:
         worst_regs = max(worst_regs, usage.get("REG", 0))
         print(
             f"REG {usage.get('REG', '?'):>3} LOCAL {usage.get('LOCAL', '?'):>4} "
+            f"STACK {usage.get('STACK', '?'):>4} "
             f"SHARED {shared:>6}  {_describe(request)}",
             flush=True,
         )

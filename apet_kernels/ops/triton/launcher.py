@@ -138,7 +138,8 @@ def _gpu_config(dtype: torch.dtype, D: int, n_max: int, m_max: int) -> _Config:
     # FPS: 16-token x 64-feature tiles on 4 warps (8 values per thread): one image (576 tokens)
     # spreads over 36 programs per step, and a 65536-token segment has 4096 blocks whose
     # (max, argmax) partials each program re-reads, 32 KB from L2 per program per step.
-    # Residual: (BLOCK_N, MP) tiles with at most 32 fp32 values per thread.
+    # Residual: (BLOCK_N, MP) tiles with at most 32 fp32 values per thread. No variant spills
+    # except MP = 128 (255 registers and a 440-byte stack frame, sm_90, triton 3.9).
     mp = _basis_tile(m_max)
     residual_n, residual_warps = (128, 4) if mp <= 32 else (64, 8) if mp <= 64 else (32, 8)
     select_block = _select_block(n_max)
