@@ -49,6 +49,7 @@ from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from ...api import compress_varlen
+from ...ops.upload import upload
 from ..transformers import ApetConfig
 from ._config import stage1_config
 
@@ -148,9 +149,11 @@ def llava_next_tokens(hf_config, cfg: ApetConfig, height: int, width: int) -> in
 def _compressed_updates(processor, updates, mm_items, count_of):
     """Replace the image PromptReplacement's token count by ``count_of(width, height)`` for
     processed images (precomputed embeddings keep the stock count)."""
-    cfg = stage1_config(processor.info.get_hf_config())
+    hf_config = processor.info.get_hf_config()
+    cfg = stage1_config(hf_config)  # the front end's first look: bad configs raise at start
     if cfg is None:
         return updates
+    _check_supported(hf_config)
     out = []
     for update in updates:
         if update.modality != "image":
@@ -193,14 +196,6 @@ class ApetLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor):
         )
 
 
-def _apet_of(vllm_config: VllmConfig) -> ApetConfig | None:
-    hf_config = vllm_config.model_config.hf_config
-    cfg = stage1_config(hf_config)
-    if cfg is not None:
-        _check_supported(hf_config)
-    return cfg
-
-
 def _compress(cfg: ApetConfig, feats: torch.Tensor, seqlens: list[int]):
     return compress_varlen(
         feats,
@@ -217,17 +212,25 @@ def _compress(cfg: ApetConfig, feats: torch.Tensor, seqlens: list[int]):
 # models
 
 
+class _ApetInit:
+    """Reads the ``apet`` entry once, at model construction (engine start)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        hf_config = vllm_config.model_config.hf_config
+        #: the stage-1 budget, or None: the stock model
+        self.apet_config = stage1_config(hf_config)
+        if self.apet_config is not None:
+            _check_supported(hf_config)
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     ApetLlavaMultiModalProcessor,
     info=LlavaProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
-class ApetLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class ApetLlavaForConditionalGeneration(_ApetInit, LlavaForConditionalGeneration):
     """vLLM's LLaVA-1.5 with stage 1 per image before the projector (when ``apet`` is set)."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.apet_config = _apet_of(vllm_config)
 
     def _process_image_input(self, image_input):
         cfg = self.apet_config
@@ -247,12 +250,8 @@ class ApetLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     info=LlavaNextProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
-class ApetLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+class ApetLlavaNextForConditionalGeneration(_ApetInit, LlavaNextForConditionalGeneration):
     """vLLM's LLaVA-NeXT with stage 1 per crop before the projector (when ``apet`` is set)."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.apet_config = _apet_of(vllm_config)
 
     def _process_image_input(self, image_input):
         cfg = self.apet_config
@@ -279,22 +278,22 @@ class ApetLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
         # position[label] = index of that token in the concatenated (uncompressed) layouts
         position = torch.full((offset * n,), -1, dtype=torch.long)
         position[labels[labels >= 0]] = (labels >= 0).nonzero()[:, 0]
-        device = feats.device
-        rows_dev = rows.to(device)
+        newline = labels < 0
+        # host tables go up in one pinned asynchronous copy (ops/upload.py): no host sync
+        rows_dev, position_dev, newline_dev, newline_at = upload(
+            [rows, position, newline.long(), newline.nonzero()[:, 0]], feats.device
+        )
         c = _compress(cfg, feats.reshape(offset * n, -1)[rows_dev], units)
         tokens = self.multi_modal_projector(c.tokens)  # (sum K, D), unit after unit
-        # which layout entries survive (kept tokens and every newline), then each survivor's slot
-        # in the compressed sequence: device ops of host-known sizes, no sync
-        newline = labels < 0
-        alive = newline.to(device)
-        kept_pos = position.to(device)[rows_dev[c.kept]]
-        alive = alive.index_fill(0, kept_pos, True)
+        # the layout entries that survive (kept tokens and every newline), then each survivor's
+        # slot in the compressed sequence: device ops of host-known sizes
+        kept_pos = position_dev[rows_dev[c.kept]]
+        alive = newline_dev.bool().index_fill(0, kept_pos, True)
         slot = alive.long().cumsum(0) - 1
         keeps = [cfg.stage1_keep(u) for u in units]
-        total = sum(keeps) + int(newline.sum())
-        seq = tokens.new_empty(total, tokens.shape[-1])
+        seq = tokens.new_empty(sum(keeps) + len(newline_at), tokens.shape[-1])
         seq[slot[kept_pos]] = tokens
-        seq[slot[newline.nonzero()[:, 0].to(device)]] = self.image_newline.to(seq)
+        seq[slot[newline_at]] = self.image_newline.to(seq)
         # split per image: keep counts of its crops plus its newlines
         lengths, crop = [], 0
         for k, lay in zip(counts, layouts, strict=True):

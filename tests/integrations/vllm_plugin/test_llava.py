@@ -129,6 +129,29 @@ def test_llava_equals_hf_shim(llava_apet, llava_path):
     assert [g.prompt_tokens for g in got] == want
 
 
+def test_llava_prefix_cache_hit_equals_first_run(llava_apet):
+    """The same compressed prompt twice: the second run reads its first KV block (32 tokens)
+    from the prefix cache and gives the same tokens and logprobs."""
+    from vllm import SamplingParams
+
+    long = ("w20 " * 30 + "<image> w21 <image> w22", [(50, 60, 5), (60, 50, 6)])
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
+    first, second = (
+        llava_apet.generate([prompt(*long)], params, use_tqdm=False)[0] for _ in range(2)
+    )
+    assert len(first.prompt_token_ids) == 32 + 2 * 8  # 32 words + keep per image
+    assert second.num_cached_tokens >= 32  # a prefix-cache hit over compressed media
+    assert list(second.outputs[0].token_ids) == list(first.outputs[0].token_ids)
+    lp = [
+        [
+            step[t].logprob
+            for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)
+        ]
+        for o in (first, second)
+    ]
+    assert lp[0] == lp[1]
+
+
 def test_llava_without_apet_is_stock(llava_path):
     """No ``apet`` key: apet's subclass (plugin loaded) == stock vLLM (plugin not loaded), and both
     equal the unpatched HF model."""
