@@ -16,6 +16,7 @@ which averages the extra ``apet_*`` figures over samples). Both are what the sto
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 
 from lmms_eval.api.instance import GenerationResult, TokenCounts
@@ -46,6 +47,16 @@ class ApetTokenCounts(TokenCounts):
             if value is not None:
                 out[key] = value
         return out
+
+
+def single_process_device_map(kwargs: dict, default_device) -> dict:
+    """``kwargs`` with ``device_map`` set to the device when it is not given and the run is a
+    single process (``WORLD_SIZE`` unset or 1). The stock defaults (``""`` for llava_hf, rejected
+    by transformers 5; ``"auto"`` for qwen2_5_vl, whose inputs then go to "cuda") do not load
+    onto ``--device cpu``; under accelerate the stock code picks ``cuda:<local rank>`` itself."""
+    if kwargs.get("device_map") or int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        return kwargs
+    return {**kwargs, "device_map": str(kwargs.get("device") or default_device)}
 
 
 def _counts(record: GenerationRecord) -> ApetTokenCounts:

@@ -3,11 +3,9 @@ LLaVA-1.5 and LLaVA-NeXT checkpoints in the Hugging Face format (``llava-hf/...`
 
 from __future__ import annotations
 
-import os
-
 from lmms_eval.models.simple.llava_hf import LlavaHf
 
-from .base import ApetWrapper
+from .base import ApetWrapper, single_process_device_map
 
 
 class ApetLlava(ApetWrapper, LlavaHf):
@@ -19,10 +17,4 @@ class ApetLlava(ApetWrapper, LlavaHf):
     model_types = ("llava", "llava_next")
 
     def _load_stock(self, **kwargs) -> None:
-        # The stock default device_map="" is rejected by transformers 5 ("When passing device_map
-        # as a string, the value needs to be a device name"); in a single process it means
-        # "load onto `device`", so say that. Under accelerate (WORLD_SIZE > 1) the stock code
-        # picks cuda:<local rank> from the empty value itself, so it is left as it is.
-        if not kwargs.get("device_map") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            kwargs["device_map"] = str(kwargs.get("device") or self._stock_default("device"))
-        super()._load_stock(**kwargs)
+        super()._load_stock(**single_process_device_map(kwargs, self._stock_default("device")))

@@ -5,7 +5,10 @@
 CLS token is dropped, as in LLaVA-1.5), an 18-layer tiny Llama (so the paper's stage-2 layer 16
 exists), a word-level tokenizer with an ``<image>`` token and a chat template.
 ``write_task(dir)`` writes a 4-sample visual QA task (YAML + parquet + utils.py) for
-``--include_path``.
+``--include_path``. ``save_qwen2_5_vl`` / ``save_video_llava`` write the tiny models of
+``tests/integrations/tiny_vlms.py`` (Video-LLaVA with the stock wrapper's 8 frames) with a
+word-level tokenizer over their whole vocabulary; their processors need torchvision, so the
+tests build their inputs with the returned ``make_inputs``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from integrations import tiny_vlms
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 HERE = Path(__file__).parent
@@ -144,3 +148,55 @@ def write_task(directory: Path) -> Path:
     )
     data.to_parquet(str(directory / "data.parquet"))
     return directory
+
+
+def word_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """Token i is the word ``w<i>`` (pad 0, bos 1, eos 2, as in tiny_vlms.TEXT)."""
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w3"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="w0", bos_token="w1", eos_token="w2", unk_token="w3"
+    )
+
+
+def save_qwen2_5_vl(path: Path):
+    """tiny_vlms' Qwen2.5-VL (4 decoder layers) and a tokenizer; returns ``make_inputs``."""
+    model, make_inputs = tiny_vlms.build_qwen2_5_vl()
+    model.generation_config.suppress_tokens = tiny_vlms.SUPPRESS
+    model.save_pretrained(path)
+    word_tokenizer(tiny_vlms.TEXT["vocab_size"]).save_pretrained(path)
+    return make_inputs
+
+
+VIDEO_FRAMES = 8  # the stock video_llava wrapper pads every clip to 8 frames
+
+
+def save_video_llava(path: Path):
+    """A tiny Video-LLaVA (tiny_vlms' shapes, videos of 8 frames of 1 + 6x6 tokens) and a
+    tokenizer; returns ``make_inputs(prompt)`` for one prompt with one video."""
+    vision = transformers.CLIPVisionConfig(image_size=48, patch_size=8, **tiny_vlms.CLIP)
+    cfg = transformers.VideoLlavaConfig(
+        vision_config=vision,
+        text_config=transformers.LlamaConfig(**tiny_vlms.TEXT),
+        image_token_index=tiny_vlms.IMAGE_ID,
+        video_token_index=tiny_vlms.VIDEO_ID,
+        image_seq_length=36,
+        video_seq_length=VIDEO_FRAMES * 37,
+    )
+    model = tiny_vlms._finish(transformers.VideoLlavaForConditionalGeneration, cfg, "sdpa")
+    model.generation_config.suppress_tokens = tiny_vlms.SUPPRESS
+    model.save_pretrained(path)
+    word_tokenizer(tiny_vlms.TEXT["vocab_size"]).save_pretrained(path)
+
+    def make_inputs(text_before: int, text_after: int) -> dict:
+        g = torch.Generator().manual_seed(text_before)
+        ids = [1, *range(10, 10 + text_before), *[tiny_vlms.VIDEO_ID] * (VIDEO_FRAMES * 37)]
+        ids += list(range(40, 40 + text_after))
+        return {
+            "input_ids": torch.tensor([ids]),
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "pixel_values_videos": torch.randn(1, VIDEO_FRAMES, 3, 48, 48, generator=g),
+        }
+
+    return make_inputs
