@@ -20,6 +20,7 @@ from ._state import Patch
 from .llava import LlavaShim
 from .llava_next import LlavaNextShim
 from .qwen2_5_vl import Qwen25VLShim
+from .qwen2_vl import Qwen2VLShim
 from .video_llava import VideoLlavaShim
 
 #: transformers versions the shims are tested against: CI runs the suite on the lowest (5.17)
@@ -30,7 +31,13 @@ SUPPORTED_TRANSFORMERS = ">=5.17,<5.25"
 _MIN, _MAX = Version("5.17"), Version("5.25")
 
 _SHIMS: dict[str, Shim] = {}
-for _shim in (LlavaShim(), LlavaNextShim(), VideoLlavaShim(), Qwen25VLShim()):
+for _shim in (
+    LlavaShim(),
+    LlavaNextShim(),
+    VideoLlavaShim(),
+    Qwen25VLShim(),
+    Qwen2VLShim(),
+):
     for _type in _shim.model_types:
         _SHIMS[_type] = _shim
 

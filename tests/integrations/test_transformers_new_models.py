@@ -1,0 +1,224 @@
+"""The shim property suite on the models beyond the paper's four (issue 14): tiny models from
+``tiny_vlms_new`` (CPU, no downloads).
+
+For each model: keep-all == unpatched (logits, padded batch, loss, generate); cached generate ==
+uncached and every layer's cache holds its budgeted width; a padded batch == its rows alone; the
+decoder layers see exactly the budgeted number of tokens; remove_apet restores bit-identical
+outputs; text-only prompts pass through; prefill and every decode step equal the hand-built
+reference (``reference.py``) in both position modes, with a negative control; beams and returned
+sequences see their own row's items; decoding continues from the uncompressed M-RoPE maximum.
+Helpers (logits, layer widths, per-row copies) come from the existing suite,
+``test_transformers_shims``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import reference
+import test_transformers_shims as suite
+import torch
+from tiny_vlms import NUM_LAYERS, patching
+from tiny_vlms_new import BUDGETS, BUILDERS, PROMPTS
+
+from apet_kernels.integrations import (
+    apply_apet,
+    last_selection,
+    presets,
+    remove_apet,
+    supported_model_types,
+)
+
+MODELS = list(BUILDERS)
+GEN = suite.GEN
+#: the model family whose code path ``reference.py`` takes for each model: Qwen2-VL's units
+#: (merger output per image / temporal slice) and get_rope_index call are Qwen2.5-VL's
+REFERENCE_FAMILY = {"qwen2_vl": "qwen2_5_vl"}
+_CACHE: dict = {}
+
+
+def built(name: str, attn: str = "sdpa"):
+    """One tiny model per (name, attn) for this module; tests leave it unpatched."""
+    if (name, attn) not in _CACHE:
+        _CACHE[name, attn] = BUILDERS[name](attn)
+    return _CACHE[name, attn]
+
+
+@pytest.fixture
+def patched():
+    yield from patching()
+
+
+def test_registered_with_a_ratio_preset():
+    assert set(MODELS) <= set(supported_model_types())
+    cfg = presets("qwen2_vl")["qwen2-vl/30%"]
+    assert (cfg.vision_keep, cfg.layer, cfg.layer_keep) == (0.30, 14, 1 / 3)
+    model, _ = built("qwen2_vl")
+    # the default preset resolves (the tiny model's 4 layers reject layer 14: it was applied)
+    with pytest.raises(ValueError, match="layer must satisfy 1 <= layer < 4"):
+        apply_apet(model)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", MODELS)
+def test_keep_all_matches_unpatched(name, attn, patched):
+    model, make = built(name, attn)
+    single, batch = make(PROMPTS[name][:1]), make(PROMPTS[name], pad="left")
+    ref_single, ref_batch = suite.logits(model, single), suite.logits(model, batch)
+    labels = single["input_ids"].masked_fill(single["input_ids"] >= 250, -100)
+    with torch.no_grad():
+        ref_loss = model(**single, labels=labels).loss
+    ref_gen = model.generate(**single, **GEN)
+    patched(model, vision_keep=1.0, layer=2, layer_keep=1.0)
+    torch.testing.assert_close(suite.logits(model, single), ref_single, rtol=1e-5, atol=1e-5)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(
+        suite.logits(model, batch)[valid], ref_batch[valid], rtol=1e-4, atol=1e-4
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(**single, labels=labels).loss, ref_loss)
+    assert torch.equal(model.generate(**single, **GEN), ref_gen)
+    assert last_selection(model) is not None  # generate went through the shim
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generate_cache_matches_no_cache(name, patched):
+    model, make = built(name)
+    patched(model, **BUDGETS[name])
+    inputs = make(PROMPTS[name], pad="left")
+    cached = model.generate(**inputs, return_dict_in_generate=True, **GEN)
+    assert torch.equal(cached.sequences, model.generate(**inputs, use_cache=False, **GEN))
+    widths = suite._layer_widths(model, inputs)
+    layer, fed_back = BUDGETS[name]["layer"], GEN["max_new_tokens"] - 1
+    assert widths[layer - 1] > widths[layer] and widths[0] < inputs["input_ids"].shape[1]
+    cache = cached.past_key_values
+    assert [cache.get_seq_length(i) for i in range(NUM_LAYERS)] == [w + fed_back for w in widths]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_batch_matches_rows_alone(name, patched):
+    model, make = built(name)
+    patched(model, **BUDGETS[name])
+    prompts = [*PROMPTS[name], [6]]
+    n = GEN["max_new_tokens"]
+    batch_gen = model.generate(**make(prompts, pad="left"), **GEN)
+    for b, prompt in enumerate(prompts):
+        assert torch.equal(batch_gen[b, -n:], model.generate(**make([prompt]), **GEN)[0, -n:])
+    for pad in ("left", "right"):
+        out = suite.logits(model, make(prompts, pad=pad))
+        for b, prompt in enumerate(prompts):
+            alone = suite.logits(model, make([prompt]))[0]
+            row = out[b, -len(alone) :] if pad == "left" else out[b, : len(alone)]
+            torch.testing.assert_close(row, alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_layers_see_budgeted_tokens(name, patched):
+    model, make = built(name)
+    budget = BUDGETS[name]
+    patched(model, **budget)
+    inputs = make(PROMPTS[name][1:])
+    ids = inputs["input_ids"][0]
+    placeholders = int(((ids == 250) | (ids == 251)).sum())
+    text = ids.numel() - placeholders
+    widths = suite._layer_widths(model, inputs)
+    sel = last_selection(model)
+    assert sum(u.num_tokens for u in sel.units) == placeholders
+    k1 = [suite._budget(budget["vision_keep"], u.num_tokens) for u in sel.units]
+    k2 = [suite._budget(budget["layer_keep"], k) for k in k1]
+    assert [len(u.kept) for u in sel.units] == k1
+    assert [len(u.layer_kept) for u in sel.units] == k2
+    layer = budget["layer"]
+    assert widths[:layer] == [text + sum(k1)] * layer
+    assert widths[layer:] == [text + sum(k2)] * (NUM_LAYERS - layer)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_remove_restores_outputs(name):
+    model, make = built(name)
+    inputs = make(PROMPTS[name])
+    ref = suite.logits(model, inputs)
+    forward = model.forward
+    apply_apet(model, **BUDGETS[name])
+    assert suite.logits(model, inputs).shape != ref.shape
+    remove_apet(model)
+    assert torch.equal(suite.logits(model, inputs), ref)
+    assert "forward" not in model.__dict__ and model.forward == forward
+    assert "_expand_inputs_for_generation" not in model.__dict__
+    assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_text_only_prompts_pass_through(name, patched):
+    model, make = built(name)
+    inputs = make([[7], [4]])
+    ref = suite.logits(model, inputs)
+    patched(model, **BUDGETS[name])
+    assert torch.equal(suite.logits(model, inputs), ref)
+    assert last_selection(model) is None
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("positions", ["compact", "original"])
+@pytest.mark.parametrize("name", MODELS)
+def test_matches_hand_built_reference(name, positions, attn, patched):
+    """Prefill logits (left and right padding, next to a text-only row) and every cached decode
+    step equal ``reference.py``; the reference in the other position mode differs (negative
+    control: the comparison sees positions)."""
+    model, make = built(name, attn)
+    family = REFERENCE_FAMILY.get(name, name)
+    cfg = dict(BUDGETS[name], positions=positions)
+    other = dict(cfg, positions="compact" if positions == "original" else "original")
+    patched(model, **cfg)
+    prompts = PROMPTS[name]
+    rows = [reference.stage1(family, model, make([p]), cfg["vision_keep"]) for p in prompts]
+    refs = [reference.logits(model, s1, cfg)[0] for s1 in rows]
+    for pad in ("left", "right"):
+        out = suite.logits(model, make([*prompts, [6]], pad=pad))
+        for b, ref in enumerate(refs):
+            row = out[b, -len(ref) :] if pad == "left" else out[b, : len(ref)]
+            torch.testing.assert_close(row, ref, rtol=1e-5, atol=1e-5)
+    wrong = reference.logits(model, rows[1], other)[0]
+    assert not torch.allclose(suite.logits(model, make(prompts[1:]))[0], wrong, atol=1e-3)
+    batch = make([*prompts, [6]], pad="left")
+    gen = model.generate(**batch, output_logits=True, return_dict_in_generate=True, **GEN)
+    new = gen.sequences[:, batch["input_ids"].shape[1] :].tolist()
+    for b, s1 in enumerate(rows):
+        for t, step in enumerate(gen.logits):
+            ref, _ = reference.logits(model, s1, cfg, extra_ids=new[b][:t])
+            torch.testing.assert_close(step[b], ref[-1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_expanded_generation_gives_each_row_its_items(name, patched):
+    model, make = built(name)
+    inputs = make([*PROMPTS[name], [1, ("image", 3), 2, ("image", 4), 1]], pad="left")
+    kw = dict(GEN, max_new_tokens=2, num_beams=2)
+    ref = model.generate(**inputs, **kw) if suite.HF_REPEATS_ITEMS_PER_ROW else None
+    patched(model, vision_keep=1.0, layer=2, layer_keep=1.0)
+    beams = suite._check_copies_see_their_row(model, inputs)
+    if ref is not None:
+        assert torch.equal(beams.sequences, ref)
+    patched(model, **BUDGETS[name])
+    suite._check_copies_see_their_row(model, inputs)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_decode_positions_continue_after_uncompressed_maximum(name, patched):
+    model, make = built(name)
+    patched(model, positions="original", **BUDGETS[name])
+    inputs = make(PROMPTS[name][1:])
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["position_ids"]), with_kwargs=True
+    )
+    try:
+        model.generate(**inputs, **dict(GEN, max_new_tokens=3))
+    finally:
+        hook.remove()
+    grids = {k: inputs.get(k) for k in ("image_grid_thw", "video_grid_thw")}
+    full, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], **grids)
+    start = int(full.max()) + 1
+    assert seen[0].shape[-1] < inputs["input_ids"].shape[1]  # the prefill was compressed
+    assert int(seen[0].max()) < start
+    for t, pos in enumerate(seen[1:]):
+        assert pos.shape[-1] == 1 and torch.all(pos == start + t), (t, pos)
