@@ -141,15 +141,29 @@ def test_varlen_equals_each_segment_alone_on_near_ties(merge):
     assert_bitwise(got, _alone(packed, seqlens, keeps, merge=merge))
 
 
-def test_varlen_result_does_not_depend_on_group_size(monkeypatch):
-    # 70 segments of one length: one group, groups of 1, and groups of 64 (+ 6) give the same
-    # bits as each segment alone.
+def test_result_does_not_depend_on_the_fps_group_size(monkeypatch):
+    # 70 segments of one length: FPS in one group, in groups of 1, and in groups of 64 (+ 6)
+    # gives the same bits as each segment alone, dense and varlen (five keeps: five batches).
     x = rolled(70, 64, 256, seed=8)
     packed, seqlens, keeps = x.reshape(-1, 256), [64] * 70, [11 + s % 5 for s in range(70)]
     want = _alone(packed, seqlens, keeps)
-    for budget in (1, 64 * 64 * 256 * 4, 2**40):
+    want_dense = [run(x[s : s + 1], 11) for s in range(70)]
+    groups = []
+    real_picks = reference._fps_picks
+
+    def counted_picks(v, valid, num_steps):
+        groups.append(v.shape[0])
+        return real_picks(v, valid, num_steps)
+
+    monkeypatch.setattr(reference, "_fps_picks", counted_picks)
+    for budget, sizes in ((1, [1] * 70), (64 * 64 * 256 * 4, [64, 6]), (2**40, [70])):
         monkeypatch.setitem(reference._GROUP_BYTES, "cpu", budget)
         assert_bitwise(apet_kernels.compress_varlen(packed, seqlens, keeps, backend="torch"), want)
+        groups.clear()
+        dense = run(x, 11)
+        assert groups == sizes  # the budget took effect: not vacuous
+        for s in range(70):
+            assert_bitwise([t[s : s + 1] for t in dense], want_dense[s])
 
 
 def test_group_size_is_a_function_of_the_segment():

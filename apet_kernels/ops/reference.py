@@ -1,14 +1,14 @@
 """The torch backend: the readable oracle of SPEC.md and the CPU implementation in one.
 
-Every stage is vectorized over a batch of segments ``(G, N, D)``: the Python loops are over the
+Every stage is vectorized over a batch of segments ``(S, N, D)``: the Python loops are over the
 ``m <= num_basis`` farthest-point-sampling (and, when the ridge rule needs it, Cholesky) steps
-and over segment groups. The wrappers cut a call into groups of segments of one length and one
-keep (varlen input is grouped by (N_s, K_s), never padded), each ``group_size(N, D)`` segments or
-fewer: a group's working set stays in cache (batched FPS used to fall out of it), and every
-shape and algorithm choice (the FPS distance form, the GEMM shapes) is a function of the
-segment alone, so a segment's result is the same alone, in any dense batch and in any varlen
-pack. The stage functions still take a validity mask and ragged keeps, so they also run on
-padded batches.
+and over segment groups. The wrappers run a call as batches of segments of one length and one
+keep (varlen input is grouped by (N_s, K_s), never padded); inside, the FPS loop runs in
+``group_size(N, D)``-segment pieces so its working set stays in cache (batched FPS used to fall
+out of it). Every shape and algorithm choice (the FPS distance form, the GEMM shapes) is a
+function of the segment alone, so a segment's result is the same alone, in any dense batch and
+in any varlen pack. The stage functions still take a validity mask and ragged keeps, so they
+also run on padded batches.
 
 Determinism on CPU (SPEC.md): no stage sums in an order that depends on threads. The merge sums
 use ``scatter_add_`` along dim 0, which on CPU adds each output row's sources in token order
@@ -34,7 +34,7 @@ argmax, so no argmax can land on padding or on an already chosen token.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -61,7 +61,7 @@ def _nan_as(t: torch.Tensor, value: float) -> torch.Tensor:
 # 0.47 (cdist); 1x1024x3584 2.2 vs 3.1. The choice used to be made on S·N·D of the whole batch,
 # so a segment's near-ties broke differently alone and in a batch; it is now the segment's own.
 _CDIST_MIN_ELEMENTS = 4 * 2**20
-# Segments per group: as many as fit in this many bytes of accumulation-dtype input (the FPS
+# Segments per FPS group: as many as fit in this many bytes of accumulation-dtype input (the FPS
 # difference temporary is the same size). 32x576x1024 in one batch took 7.1 ms of FPS per segment
 # against 1.6 ms alone (the batch fell out of cache). On CUDA a group is only a launch-count
 # trade-off, so it is large.
@@ -102,22 +102,8 @@ def _distance(v: torch.Tensor, point: torch.Tensor, use_cdist: bool) -> torch.Te
     return torch.cdist(v, point[:, None, :], compute_mode="donot_use_mm_for_euclid_dist")[..., 0]
 
 
-def fps(
-    v: torch.Tensor, valid: torch.Tensor, num_steps: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Farthest point sampling, per segment, deterministic (lowest index wins ties).
-
-    Args:
-        v: ``(S, N, D)`` tokens in the accumulation dtype.
-        valid: ``(S, N)`` bool, False on padding.
-        num_steps: m_max, the number of basis tokens to draw (callers ignore steps past a
-            segment's own m_s; every segment has at least m_max valid tokens or is masked out).
-
-    Returns:
-        basis: ``(S, m_max)`` int64 token indices in pick order.
-        sqnorm: ``(S, N)`` ||v_i||^2.
-        dots: ``(S, N, m_max)`` v_i · v_{b_t}: the c_i of the solve, and G at the basis rows.
-    """
+def _fps_picks(v: torch.Tensor, valid: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """The FPS loop on one group ``v (G, N, D)``, ``valid (G, N)``: ``(G, num_steps)`` picks."""
     S, N, D = v.shape
     use_cdist = N * D >= _CDIST_MIN_ELEMENTS  # per segment: the same alone and in a batch
     validf = valid.to(v.dtype)
@@ -140,8 +126,42 @@ def fps(
         if t + 1 < num_steps:  # the last pick needs no distance update
             d_new = _distance(v, v[rows, pick], use_cdist)
             dist = d_new if t == 0 else torch.minimum(dist, d_new)
+    return basis
+
+
+def fps(
+    v: torch.Tensor, valid: torch.Tensor, num_steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Farthest point sampling, per segment, deterministic (lowest index wins ties).
+
+    The m-step loop runs in groups of ``group_size(N, D)`` segments: it streams the whole group
+    through cache once per step, so a group must fit (32x576x1024 in one batch took 7.1 ms of
+    FPS per segment against 1.6 ms alone). The stages after it touch each token a few times
+    only and run on the whole batch, so a batch of a few large segments pays no per-group
+    overhead (llava_next 5x576x1024 was 5% slower with the whole op in groups of one).
+
+    Args:
+        v: ``(S, N, D)`` tokens in the accumulation dtype.
+        valid: ``(S, N)`` bool, False on padding.
+        num_steps: m_max, the number of basis tokens to draw (callers ignore steps past a
+            segment's own m_s; every segment has at least m_max valid tokens or is masked out).
+
+    Returns:
+        basis: ``(S, m_max)`` int64 token indices in pick order.
+        sqnorm: ``(S, N)`` ||v_i||^2.
+        dots: ``(S, N, m_max)`` v_i · v_{b_t}: the c_i of the solve, and G at the basis rows.
+    """
+    S, N, D = v.shape
+    step = group_size(N, D, v.element_size(), v.device.type)
+    if S <= step:
+        basis = _fps_picks(v, valid, num_steps)
+    else:
+        basis = torch.cat(
+            [_fps_picks(v[s0 : s0 + step], valid[s0 : s0 + step], num_steps)
+             for s0 in range(0, S, step)]
+        )  # fmt: skip
     # c_i and G for the solve: one GEMM against all basis rows after the loop, not a pass per step.
-    basis_rows = torch.gather(v, 1, basis[:, :, None].expand(S, num_steps, v.shape[2]))
+    basis_rows = torch.gather(v, 1, basis[:, :, None].expand(S, num_steps, D))
     dots = torch.bmm(v, basis_rows.transpose(1, 2))
     sqnorm = (v * v).sum(-1)
     return basis, sqnorm, dots
@@ -383,36 +403,24 @@ def compress_padded(
     return out.to(x.dtype).contiguous(), kept.contiguous(), assign
 
 
-def _group_step(x: torch.Tensor, n: int) -> int:
-    return group_size(n, x.shape[-1], accumulation_dtype(x.dtype).itemsize, x.device.type)
-
-
 def compress_dense(
     x: torch.Tensor, keep: int, num_basis: int, ridge: float, merge: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense op: ``x (S, N, D)`` -> ``out (S, K, D)``, ``kept (S, K)``, ``assign (S, N)``, in
-    groups of ``group_size(N, D)`` segments."""
+    """Dense op: ``x (S, N, D)`` -> ``out (S, K, D)``, ``kept (S, K)``, ``assign (S, N)`` (FPS in
+    groups of ``group_size(N, D)`` segments, the other stages on the whole batch)."""
     S, N, _ = x.shape
-    step = _group_step(x, N)
     with ieee_matmul():
-        parts = []
-        for s0 in range(0, S, step):
-            G = min(step, S - s0)
-            parts.append(
-                compress_padded(x[s0 : s0 + G], [N] * G, [keep] * G, num_basis, ridge, merge)
-            )
-    if len(parts) == 1:
-        return parts[0]
-    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+        return compress_padded(x, [N] * S, [keep] * S, num_basis, ridge, merge)
 
 
 def _varlen_plan(
-    seqlens: list[int], keeps: list[int], group_of: Callable[[int], int]
+    seqlens: list[int], keeps: list[int]
 ) -> tuple[list[tuple[int, list[int], int]], list[torch.Tensor]]:
-    """Groups of segments of one length and one keep (``group_of(n)`` at most) and the host
-    index tables that move them, built from host ints only. Keeps are part of the key because
-    the GEMMs' shapes follow them: MKL rounds a dot product differently in a (N, 100) product
-    than in a (N, 25) one, so a segment grouped with a larger keep came out different.
+    """Groups of all segments of one length and one keep, and the host index tables that move
+    them, built from host ints only. Keeps are part of the key because the GEMMs' shapes follow
+    them: MKL rounds a dot product differently in a (N, 100) product than in a (N, 25) one, so a
+    segment grouped with a larger keep came out different. (FPS cuts each group further into
+    cache-sized pieces.)
 
     Returns ``(groups, tables)``: each group is ``(n, keeps of its segments, k_max)``; the five
     int64 tables, each concatenated over the groups in order, are: the packed rows of the group's
@@ -432,18 +440,15 @@ def _varlen_plan(
     tables: list[list[int]] = [[], [], [], [], []]
     rows, src, dst, seg_tok, seg_out = tables
     for (n, _), segments in by_shape.items():
-        step = group_of(n)
-        for g0 in range(0, len(segments), step):
-            chunk = segments[g0 : g0 + step]
-            group_keeps = [keeps[s] for s in chunk]
-            k_max = max(group_keeps)
-            groups.append((n, group_keeps, k_max))
-            for j, s in enumerate(chunk):
-                rows.extend(range(tok_start[s], tok_start[s] + n))
-                src.extend(range(j * k_max, j * k_max + keeps[s]))
-                dst.extend(range(out_start[s], out_start[s] + keeps[s]))
-                seg_tok.append(tok_start[s])
-                seg_out.append(out_start[s])
+        group_keeps = [keeps[s] for s in segments]
+        k_max = max(group_keeps)
+        groups.append((n, group_keeps, k_max))
+        for j, s in enumerate(segments):
+            rows.extend(range(tok_start[s], tok_start[s] + n))
+            src.extend(range(j * k_max, j * k_max + keeps[s]))
+            dst.extend(range(out_start[s], out_start[s] + keeps[s]))
+            seg_tok.append(tok_start[s])
+            seg_out.append(out_start[s])
     return groups, [torch.tensor(t, dtype=torch.long) for t in tables]
 
 
@@ -458,7 +463,7 @@ def compress_varlen(
     """
     T, D = x.shape
     total_keep = sum(keeps)
-    groups, host = _varlen_plan(seqlens, keeps, lambda n: _group_step(x, n))
+    groups, host = _varlen_plan(seqlens, keeps)
     rows, src, dst, seg_tok, seg_out = upload(host, x.device)
     out = x.new_empty(total_keep, D)
     kept = torch.empty(total_keep, dtype=torch.long, device=x.device)
