@@ -23,6 +23,7 @@ import transformers  # noqa: E402
 from lmms_tiny_checkpoint import IMAGE_TOKEN, NUM_LAYERS, VISUAL_TOKENS, save_llava15, write_task  # noqa: E402
 
 from apet_kernels.integrations import apply_apet  # noqa: E402
+from apet_kernels.integrations.lmms_eval.retention import compare, load  # noqa: E402
 
 TASK = "apet_tiny_vqa"
 
@@ -230,3 +231,16 @@ def test_loglikelihood_is_refused(runs):
     assert run.returncode != 0
     assert "loglikelihood requests are refused" in run.stderr, run.log()
     assert run.results is None and run.samples == []
+
+
+def test_retention_reads_the_runs_results(work, runs):
+    """The retention tool on the two runs' real results files: the task's headline metric and
+    the mean prefill tokens per sample each run recorded (text + 576 vs text + 96)."""
+    check_ok(runs["baseline"])
+    check_ok(runs["preset"])
+    (row,) = compare(load(work / "out_baseline"), load(work / "out_preset"))
+    assert (row.task, row.metric) == (TASK, "exact_match")
+    assert row.baseline == runs["baseline"].results["results"][TASK]["exact_match,none"]
+    assert row.apet == runs["preset"].results["results"][TASK]["exact_match,none"]
+    text = sum(text_tokens(work)) / 4
+    assert (row.baseline_tokens, row.apet_tokens) == (text + 576, text + 96)
