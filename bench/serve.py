@@ -186,7 +186,14 @@ def _markdown(result: dict) -> str:
                 f"| {lv['ttft_median_s'] * 1e3:.0f} ms | {lv['ttft_p90_s'] * 1e3:.0f} ms "
                 f"| {ratio:.2f}x |"
             )
+    loads = ", ".join(
+        f"{name} {cfg['loadavg'][0]:.1f} -> {cfg['loadavg'][1]:.1f}"
+        for name, cfg in result["configs"].items()
+    )
     lines += [
+        "",
+        f"Machine load (1-minute average, before -> after each configuration): {loads}; on "
+        f"{os.cpu_count()} CPUs a load above that count means other processes shared them.",
         "",
         "Stage 1 alone (compress_varlen on one 576-token image, timed outside the engine; the "
         "share uses the min of 20 calls) against the engine's time per request at concurrency 1:",
@@ -228,8 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     for name, keep in CONFIGS.items():
         t = time.perf_counter()
+        load_before = os.getloadavg()[0]
         levels, prompt_tokens = asyncio.run(_serve(model, keep, args))
-        cfg = dict(vision_keep=keep, prompt_tokens=prompt_tokens, levels=levels)
+        # other processes' load (1-minute average) around this configuration's run: on a shared
+        # machine it decides how far the figures can be trusted
+        load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        cfg = dict(vision_keep=keep, prompt_tokens=prompt_tokens, levels=levels, loadavg=load)
         if keep is not None:
             cfg["op_s"], cfg["op_min_s"] = _op_seconds(keep, args.size)
             per_request = levels[0]["wall_s"] / levels[0]["requests"]
