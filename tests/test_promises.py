@@ -141,9 +141,20 @@ def test_varlen_equals_each_segment_alone_on_near_ties(merge):
     assert_bitwise(got, _alone(packed, seqlens, keeps, merge=merge))
 
 
-def test_result_does_not_depend_on_the_fps_group_size(monkeypatch):
-    # 70 segments of one length: FPS in one group, in groups of 1, and in groups of 64 (+ 6)
-    # gives the same bits as each segment alone, dense and varlen (five keeps: five batches).
+SEGMENT_BYTES = 64 * 256 * 4
+
+
+@pytest.mark.parametrize(
+    "budgets, cases",
+    [  # (budget, FPS piece sizes seen on the dense call): FPS pieces of 1, 64 (+ 6), 70; then
+        # whole-op batches of 1, 32 (+ 32 + 6), 70 (FPS cuts that into its default 64 + 6)
+        ("_GROUP_BYTES", [(1, [1] * 70), (64 * SEGMENT_BYTES, [64, 6]), (2**40, [70])]),
+        ("_BATCH_BYTES", [(1, [1] * 70), (32 * SEGMENT_BYTES, [32, 32, 6]), (2**40, [64, 6])]),
+    ],
+)
+def test_result_does_not_depend_on_the_group_or_batch_size(monkeypatch, budgets, cases):
+    # 70 segments of one length give the same bits as each segment alone however they are cut,
+    # dense and varlen (five keeps: five batches).
     x = rolled(70, 64, 256, seed=8)
     packed, seqlens, keeps = x.reshape(-1, 256), [64] * 70, [11 + s % 5 for s in range(70)]
     want = _alone(packed, seqlens, keeps)
@@ -156,8 +167,8 @@ def test_result_does_not_depend_on_the_fps_group_size(monkeypatch):
         return real_picks(v, valid, num_steps)
 
     monkeypatch.setattr(reference, "_fps_picks", counted_picks)
-    for budget, sizes in ((1, [1] * 70), (64 * 64 * 256 * 4, [64, 6]), (2**40, [70])):
-        monkeypatch.setitem(reference._GROUP_BYTES, "cpu", budget)
+    for budget, sizes in cases:
+        monkeypatch.setitem(getattr(reference, budgets), "cpu", budget)
         assert_bitwise(apet_kernels.compress_varlen(packed, seqlens, keeps, backend="torch"), want)
         groups.clear()
         dense = run(x, 11)
@@ -166,12 +177,16 @@ def test_result_does_not_depend_on_the_fps_group_size(monkeypatch):
             assert_bitwise([t[s : s + 1] for t in dense], want_dense[s])
 
 
-def test_group_size_is_a_function_of_the_segment():
+def test_group_and_batch_size_are_functions_of_the_segment():
     assert reference.group_size(576, 1024) == 1  # 2.25 MiB of float32 per segment
     assert reference.group_size(256, 512) == 8
     assert reference.group_size(576, 1024, 8) == 1
     assert reference.group_size(10**6, 4096) == 1  # never 0
     assert reference.group_size(49, 64) == reference._GROUP_BYTES["cpu"] // (49 * 64 * 4)
+    assert reference.batch_size(576, 1024) == 7  # 16 MiB
+    assert reference.batch_size(256, 4096) == 4
+    assert reference.batch_size(10**6, 4096) == 1
+    assert reference.batch_size(576, 1024, device="cuda") == 455  # 1 GiB off CPU
 
 
 # --------------------------------------------------------------------------------------------

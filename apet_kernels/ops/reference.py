@@ -2,13 +2,13 @@
 
 Every stage is vectorized over a batch of segments ``(S, N, D)``: the Python loops are over the
 ``m <= num_basis`` farthest-point-sampling (and, when the ridge rule needs it, Cholesky) steps
-and over segment groups. The wrappers run a call as batches of segments of one length and one
-keep (varlen input is grouped by (N_s, K_s), never padded); inside, the FPS loop runs in
-``group_size(N, D)``-segment pieces so its working set stays in cache (batched FPS used to fall
-out of it). Every shape and algorithm choice (the FPS distance form, the GEMM shapes) is a
-function of the segment alone, so a segment's result is the same alone, in any dense batch and
-in any varlen pack. The stage functions still take a validity mask and ragged keeps, so they
-also run on padded batches.
+and over segment groups. The wrappers run a call as batches of at most ``batch_size(N, D)``
+segments of one length and one keep (varlen input is grouped by (N_s, K_s), never padded);
+inside, the FPS loop runs in smaller ``group_size(N, D)``-segment pieces, so each level's working
+set stays in cache (batched FPS used to fall out of it). Every shape and algorithm choice (the
+FPS distance form, the GEMM shapes) is a function of the segment alone, so a segment's result is
+the same alone, in any dense batch and in any varlen pack. The stage functions still take a
+validity mask and ragged keeps, so they also run on padded batches.
 
 Determinism on CPU (SPEC.md): no stage sums in an order that depends on threads. The merge sums
 use ``scatter_add_`` along dim 0, which on CPU adds each output row's sources in token order
@@ -34,7 +34,7 @@ argmax, so no argmax can land on padding or on an already chosen token.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -66,14 +66,28 @@ _CDIST_MIN_ELEMENTS = 4 * 2**20
 # against 1.6 ms alone (the batch fell out of cache). On CUDA a group is only a launch-count
 # trade-off, so it is large.
 _GROUP_BYTES = {"cpu": 4 * 2**20}
+# Segments per batch of the whole op: the stages after FPS pass over the batch a few times each
+# (GEMMs, norms, gathers, the merge sums), so a batch should stay in the 32 MiB L3 too, but
+# batches of one 2.25 MiB segment repeat the pipeline's fixed cost (llava_next 5x576x1024 was 5%
+# slower than one batch). One thread, CPU ms, batches of 4 / 16 MiB / the whole call: llava_next
+# 47.8 / 43.1 / 43.0, batch32 32x576x1024 265 / 231 / 283, video_llava 8x256x4096 89 / 85 / 86.
+_BATCH_BYTES = {"cpu": 16 * 2**20}
 _GROUP_BYTES_OTHER = 2**30
 
 
-def group_size(n: int, d: int, itemsize: int = 4, device: str = "cpu") -> int:
-    """Segments of ``n`` tokens of width ``d`` processed together (>= 1): a function of the
-    segment's shape, its accumulation dtype's ``itemsize`` and the device type only."""
-    budget = _GROUP_BYTES.get(device, _GROUP_BYTES_OTHER)
+def _segments_in(budget: int, n: int, d: int, itemsize: int) -> int:
     return max(1, budget // max(1, n * d * itemsize))
+
+
+def group_size(n: int, d: int, itemsize: int = 4, device: str = "cpu") -> int:
+    """Segments of ``n`` tokens of width ``d`` in one piece of the FPS loop (>= 1): a function of
+    the segment's shape, its accumulation dtype's ``itemsize`` and the device type only."""
+    return _segments_in(_GROUP_BYTES.get(device, _GROUP_BYTES_OTHER), n, d, itemsize)
+
+
+def batch_size(n: int, d: int, itemsize: int = 4, device: str = "cpu") -> int:
+    """Segments in one batch of the whole op (>= 1), a function of the same four values."""
+    return _segments_in(_BATCH_BYTES.get(device, _GROUP_BYTES_OTHER), n, d, itemsize)
 
 
 @contextlib.contextmanager
@@ -134,11 +148,10 @@ def fps(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Farthest point sampling, per segment, deterministic (lowest index wins ties).
 
-    The m-step loop runs in groups of ``group_size(N, D)`` segments: it streams the whole group
-    through cache once per step, so a group must fit (32x576x1024 in one batch took 7.1 ms of
-    FPS per segment against 1.6 ms alone). The stages after it touch each token a few times
-    only and run on the whole batch, so a batch of a few large segments pays no per-group
-    overhead (llava_next 5x576x1024 was 5% slower with the whole op in groups of one).
+    The m-step loop runs in pieces of ``group_size(N, D)`` segments: it streams the whole piece
+    through cache once per step, so a piece must fit in L2 (32x576x1024 in one batch took 7.1 ms
+    of FPS per segment against 1.6 ms alone). The stages after it pass over each token a few
+    times only and run on the caller's batch (``batch_size``, 4x larger on CPU).
 
     Args:
         v: ``(S, N, D)`` tokens in the accumulation dtype.
@@ -403,24 +416,37 @@ def compress_padded(
     return out.to(x.dtype).contiguous(), kept.contiguous(), assign
 
 
+def _batch_step(x: torch.Tensor, n: int) -> int:
+    return batch_size(n, x.shape[-1], accumulation_dtype(x.dtype).itemsize, x.device.type)
+
+
 def compress_dense(
     x: torch.Tensor, keep: int, num_basis: int, ridge: float, merge: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense op: ``x (S, N, D)`` -> ``out (S, K, D)``, ``kept (S, K)``, ``assign (S, N)`` (FPS in
-    groups of ``group_size(N, D)`` segments, the other stages on the whole batch)."""
+    """Dense op: ``x (S, N, D)`` -> ``out (S, K, D)``, ``kept (S, K)``, ``assign (S, N)``, in
+    batches of ``batch_size(N, D)`` segments (FPS cuts each into ``group_size`` pieces)."""
     S, N, _ = x.shape
+    step = _batch_step(x, N)
     with ieee_matmul():
-        return compress_padded(x, [N] * S, [keep] * S, num_basis, ridge, merge)
+        parts = []
+        for s0 in range(0, S, step):
+            G = min(step, S - s0)
+            parts.append(
+                compress_padded(x[s0 : s0 + G], [N] * G, [keep] * G, num_basis, ridge, merge)
+            )
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
 
 def _varlen_plan(
-    seqlens: list[int], keeps: list[int]
+    seqlens: list[int], keeps: list[int], group_of: Callable[[int], int]
 ) -> tuple[list[tuple[int, list[int], int]], list[torch.Tensor]]:
-    """Groups of all segments of one length and one keep, and the host index tables that move
-    them, built from host ints only. Keeps are part of the key because the GEMMs' shapes follow
-    them: MKL rounds a dot product differently in a (N, 100) product than in a (N, 25) one, so a
-    segment grouped with a larger keep came out different. (FPS cuts each group further into
-    cache-sized pieces.)
+    """Groups of segments of one length and one keep (``group_of(n)`` at most: the op's batch
+    size) and the host index tables that move them, built from host ints only. Keeps are part of
+    the key because the GEMMs' shapes follow them: MKL rounds a dot product differently in a
+    (N, 100) product than in a (N, 25) one, so a segment grouped with a larger keep came out
+    different.
 
     Returns ``(groups, tables)``: each group is ``(n, keeps of its segments, k_max)``; the five
     int64 tables, each concatenated over the groups in order, are: the packed rows of the group's
@@ -440,15 +466,18 @@ def _varlen_plan(
     tables: list[list[int]] = [[], [], [], [], []]
     rows, src, dst, seg_tok, seg_out = tables
     for (n, _), segments in by_shape.items():
-        group_keeps = [keeps[s] for s in segments]
-        k_max = max(group_keeps)
-        groups.append((n, group_keeps, k_max))
-        for j, s in enumerate(segments):
-            rows.extend(range(tok_start[s], tok_start[s] + n))
-            src.extend(range(j * k_max, j * k_max + keeps[s]))
-            dst.extend(range(out_start[s], out_start[s] + keeps[s]))
-            seg_tok.append(tok_start[s])
-            seg_out.append(out_start[s])
+        step = group_of(n)
+        for g0 in range(0, len(segments), step):
+            chunk = segments[g0 : g0 + step]
+            group_keeps = [keeps[s] for s in chunk]
+            k_max = max(group_keeps)
+            groups.append((n, group_keeps, k_max))
+            for j, s in enumerate(chunk):
+                rows.extend(range(tok_start[s], tok_start[s] + n))
+                src.extend(range(j * k_max, j * k_max + keeps[s]))
+                dst.extend(range(out_start[s], out_start[s] + keeps[s]))
+                seg_tok.append(tok_start[s])
+                seg_out.append(out_start[s])
     return groups, [torch.tensor(t, dtype=torch.long) for t in tables]
 
 
@@ -463,7 +492,7 @@ def compress_varlen(
     """
     T, D = x.shape
     total_keep = sum(keeps)
-    groups, host = _varlen_plan(seqlens, keeps)
+    groups, host = _varlen_plan(seqlens, keeps, lambda n: _batch_step(x, n))
     rows, src, dst, seg_tok, seg_out = upload(host, x.device)
     out = x.new_empty(total_keep, D)
     kept = torch.empty(total_keep, dtype=torch.long, device=x.device)
