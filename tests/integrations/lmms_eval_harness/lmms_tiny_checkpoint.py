@@ -200,3 +200,39 @@ def save_video_llava(path: Path):
         }
 
     return make_inputs
+
+
+def save_llava_next(path: Path) -> Path:
+    """tiny_vlms' LLaVA-NeXT (32 px crops of 4x4 tokens, grids up to 64x32 px) with its real
+    processor (the PIL image processor: the default one needs torchvision) and a word-level
+    tokenizer over the whole vocabulary whose ``IMAGE_ID`` is the special ``<image>`` token."""
+    model, _ = tiny_vlms.build_llava_next()
+    model.generation_config.suppress_tokens = tiny_vlms.SUPPRESS
+    model.save_pretrained(path)
+    vocab = {f"w{i}": i for i in range(tiny_vlms.TEXT["vocab_size"])}
+    vocab[IMAGE_TOKEN] = vocab.pop(f"w{tiny_vlms.IMAGE_ID}")
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w3"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="w0",
+        bos_token="w1",
+        eos_token="w2",
+        unk_token="w3",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    pinpoints = model.config.image_grid_pinpoints
+    image_processor = transformers.LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+        image_grid_pinpoints=pinpoints,
+    )  # fmt: skip
+    processor = transformers.LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(path)
+    return path

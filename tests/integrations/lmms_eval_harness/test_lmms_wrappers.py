@@ -1,8 +1,9 @@
 """The wrapper classes in-process (needs lmms-eval: runs in .venv-lmms; skipped elsewhere).
 
 What runs for real: lmms-eval's model registry (entry point), the stock ``__init__`` and
-``generate_until`` of ``qwen2_5_vl`` and ``video_llava`` (lmms-eval 0.7.3) on tiny checkpoints
-loaded from disk, ``apply_apet`` and the token recorder. What is mocked, because it needs
+``generate_until`` of ``llava_hf`` (a LLaVA-NeXT checkpoint, with its real processor),
+``qwen2_5_vl`` and ``video_llava`` (lmms-eval 0.7.3) on tiny checkpoints loaded from disk,
+``apply_apet`` and the token recorder. What is mocked, because it needs
 torchvision (no CPU build on the registry here) or ``qwen_vl_utils`` (not installed): the
 Qwen2.5-VL processor and ``process_vision_info``, the Video-LLaVA processor and the stock video
 reader. The mocks return inputs laid out as the real processors lay them out (tiny_vlms), so the
@@ -24,6 +25,7 @@ from lmms_eval.models import get_model  # noqa: E402
 from lmms_tiny_checkpoint import (  # noqa: E402
     VIDEO_FRAMES,
     save_llava15,
+    save_llava_next,
     save_qwen2_5_vl,
     save_video_llava,
 )
@@ -44,9 +46,76 @@ def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("wrappers")
     return {
         "llava": save_llava15(root / "llava"),
+        "next": save_llava_next(root / "next"),
         "qwen": (root / "qwen", save_qwen2_5_vl(root / "qwen")),
         "video": (root / "video", save_video_llava(root / "video")),
     }
+
+
+NEXT_ARGS = "vision_keep=5,layer=2,layer_keep=2"  # 5 per crop, 2 from layer 2 (4 layers)
+
+
+def prefill_lengths(model, inputs) -> tuple[list[int], torch.Tensor]:
+    """Greedy ``model.generate(**inputs)`` run directly through transformers: the tokens that
+    entered each decoder layer at its prefill (its first forward), and the output ids."""
+    layers = model.get_decoder().layers
+    lens = []
+
+    def hook(module, args, kwargs):
+        if len(lens) < len(layers):
+            lens.append(int((args[0] if args else kwargs["hidden_states"]).shape[-2]))
+
+    hooks = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        with torch.inference_mode():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return lens, out
+
+
+@pytest.mark.parametrize("args", [NEXT_ARGS, "apet=false"])
+def test_llava_next_counts_and_answer_equal_transformers(ckpts, args):
+    """apet_llava_next on a LLaVA-NeXT checkpoint through the stock llava_hf code and the real
+    processor (anyres: a 40x24 image is a base crop and 2 grid crops, unpadded, with newlines)."""
+    path = ckpts["next"]
+    lm = make("apet_llava_next", f"pretrained={path},dtype=float32,{args}")
+    assert is_patched(lm.model) == (args != "apet=false")
+    image = Image.new("RGB", (24, 40), (200, 30, 90))
+    image.putpixel((3, 5), (0, 255, 0))
+    lm.task_dict = {"t": {"test": [{"visual": image}]}}
+    (result,) = lm.generate_until([request()])
+    counts = result.token_counts.to_dict()
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    text = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<image>\nwhat is it"}], tokenize=False,
+        add_generation_prompt=True,
+    )  # fmt: skip
+    inputs = processor(images=[image], text=text, return_tensors="pt")
+    ref = transformers.LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+    if args != "apet=false":
+        apply_apet(ref, vision_keep=5, layer=2, layer_keep=2)
+    lens, out = prefill_lengths(ref, inputs)
+    length = inputs["input_ids"].shape[-1]
+    assert counts["uncompressed_tokens"] == length
+    assert counts["input_tokens"] == lens[0] and counts["layer_tokens"] == lens[-1]
+    assert counts["output_tokens"] == MAX_NEW
+    if args == "apet=false":
+        assert lens == [length] * len(lens) and "apet_layer" not in counts
+    else:  # 3 crops of 16 tokens -> 5 each (newlines kept), then fewer from layer 2
+        assert lens[0] < length and lens[2] < lens[1] and counts["apet_layer"] == 2
+    decode = processor.tokenizer.batch_decode
+    assert result.text == decode(out[:, length:], skip_special_tokens=True)[0]
+    if args != "apet=false":  # negative control: the unpatched model answers differently
+        plain = transformers.LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+        _, out_plain = prefill_lengths(plain, inputs)
+        assert result.text != decode(out_plain[:, length:], skip_special_tokens=True)[0]
+
+
+def test_llava_next_refuses_a_llava_1_5_preset(ckpts):
+    with pytest.raises(ApetEvalError, match="unknown preset 'llava-1.5/64' for llava_next"):
+        make("apet_llava_next", f"pretrained={ckpts['next']},preset=llava-1.5/64")
 
 
 class QwenProcessorStub:
