@@ -8,7 +8,8 @@
 #   3. only the dependencies the evaluator and the LLaVA-family wrappers import (list below);
 #   4. apet_kernels in editable mode, without dependencies (so its entry point registers).
 # A stamp file records a finished install; a present, finished environment is reused as it is.
-# About 80 s and 1.6 GB on a fresh 2-core machine (pip's wheel cache makes a rebuild faster).
+# About 80-175 s and 1.7 GB on a 2-core machine (175 s measured into an empty directory while the
+# machine was busy with other jobs; pip's wheel cache makes a rebuild faster).
 #
 # Usage: tools/setup_lmms_env.sh [VENV_DIR]   (default .venv-lmms, relative to the repository)
 set -euo pipefail
@@ -25,7 +26,7 @@ LMMS="lmms-eval==0.7.3"
 # pytz is imported by the evaluator but not declared; decord (stock LLaVA and Qwen wrappers) and
 # av<16 (stock Video-LLaVA wrapper, its video reader) are imported at module level.
 DEPS=(
-  "transformers>=5.17,<5.24" "accelerate" "datasets" "evaluate" "loguru" "pyyaml" "pillow"
+  "transformers>=5.17,<5.25" "accelerate" "datasets" "evaluate" "loguru" "pyyaml" "pillow"
   "tqdm" "numpy" "filelock<4" "sacrebleu" "pytz" "tenacity" "decord" "av<16" "pytablewriter"
   "pytest>=8" "packaging" "setuptools>=69" "wheel"
 )
