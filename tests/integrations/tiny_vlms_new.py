@@ -6,8 +6,20 @@ format described there, float32 and a few hundred thousand parameters.
 
 from __future__ import annotations
 
+import torch
 import transformers
-from tiny_vlms import IMAGE_ID, TEXT, VIDEO_ID, _finish, build_qwen2_5_vl
+from tiny_vlms import (
+    CLIP,
+    IMAGE_ID,
+    TEXT,
+    VIDEO_ID,
+    _finish,
+    _pad_batch,
+    _pixels,
+    _seg,
+    _text_tokens,
+    build_qwen2_5_vl,
+)
 
 
 def build_qwen2_vl(attn: str = "sdpa"):
@@ -39,7 +51,94 @@ def build_qwen2_vl(attn: str = "sdpa"):
     return model, make_inputs
 
 
-BUILDERS = {"qwen2_vl": build_qwen2_vl}
+def build_llava_onevision(attn: str = "sdpa"):
+    """LLaVA-OneVision shape: SigLIP 32 px crops of 4x4 tokens (no CLS, "full" strategy), anyres
+    pinpoints up to 64x64 px and ``anyres_max_1``, so that a tiled image's unpadded grid is
+    bilinearly resampled after the projector (the real models' ``anyres_max_9`` does so above
+    about 11 crops); videos of 2 frames pooled to 2x2 tokens each, one newline per video.
+
+    ``("image", seed, (h, w))`` sets an image's size (default (40, 24)); the placeholder count is
+    what the model's own ``pack_image_features`` makes of it. A prompt with one image is tiled;
+    with several, each image is one crop (``batch_num_images``, as the processor sets it).
+    """
+    vision = transformers.SiglipVisionConfig(
+        image_size=32,
+        patch_size=8,
+        **{k: v for k, v in CLIP.items() if k != "projection_dim"},
+    )
+    text = transformers.Qwen2Config(**TEXT)
+    cfg = transformers.LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_ID,
+        video_token_index=VIDEO_ID,
+        image_grid_pinpoints=[[32, 32], [64, 32], [32, 64], [64, 64]],
+        vision_aspect_ratio="anyres_max_1",
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    model = _finish(transformers.LlavaOnevisionForConditionalGeneration, cfg, attn)
+    from transformers.models.llava_onevision import modeling_llava_onevision as m
+
+    def image_tokens(size, tiled: bool):
+        crops = m.image_size_to_num_patches(size, cfg.image_grid_pinpoints, 32) if tiled else 1
+        packed, _ = model.model.pack_image_features(
+            [torch.zeros(crops, 16, 1)],
+            torch.tensor([size]),
+            image_newline=torch.zeros(1),
+            vision_aspect_ratio=cfg.vision_aspect_ratio,
+        )
+        return crops, packed[0].shape[0]
+
+    def make_inputs(prompts, pad="left"):
+        rows, pixels, sizes, counts, videos = [], [], [], [], []
+        for prompt in prompts:
+            row = []
+            segs = [seg if isinstance(seg, tuple) else _seg(seg) for seg in prompt]
+            tiled = sum(s[0] == "image" for s in segs) == 1
+            counts.append(sum(s[0] == "image" for s in segs))
+            for kind, seed, *rest in segs:
+                if kind == "text":
+                    row += _text_tokens(seed, len(row))
+                elif kind == "image":
+                    size = rest[0] if rest else (40, 24)
+                    crops, n = image_tokens(size, tiled)
+                    row += [IMAGE_ID] * n
+                    pixels.append(_pixels((crops, 3, 32, 32), seed))
+                    sizes.append(size)
+                else:
+                    row += [VIDEO_ID] * (2 * 4 + 1)
+                    videos.append(_pixels((2, 3, 32, 32), 100 + seed))
+            rows.append(row)
+        ids, mask = _pad_batch(rows, pad)
+        out = dict(input_ids=ids, attention_mask=mask)
+        if pixels:
+            most = max(p.shape[0] for p in pixels)
+            padded = torch.zeros(len(pixels), most, 3, 32, 32)
+            for i, p in enumerate(pixels):
+                padded[i, : p.shape[0]] = p
+            out.update(
+                pixel_values=padded,
+                image_sizes=torch.tensor(sizes),
+                batch_num_images=torch.tensor(counts),
+            )
+        if videos:
+            out["pixel_values_videos"] = torch.stack(videos)
+        return out
+
+    return model, make_inputs
+
+
+BUILDERS = {"qwen2_vl": build_qwen2_vl, "llava_onevision": build_llava_onevision}
 #: as in ``tiny_vlms``: two prompts (the second with more items) and a budget that compresses.
-PROMPTS = {"qwen2_vl": [[3, "image", 4], [2, "video", 3, ("image", 2), 2]]}
-BUDGETS = {"qwen2_vl": dict(vision_keep=0.5, layer=2, layer_keep=0.5)}
+PROMPTS = {
+    "qwen2_vl": [[3, "image", 4], [2, "video", 3, ("image", 2), 2]],
+    "llava_onevision": [
+        [3, ("image", 0, (64, 40)), 4],
+        [2, "video", 3, ("image", 1, (24, 40)), 2, ("image", 2), 2],
+    ],
+}
+BUDGETS = {
+    "qwen2_vl": dict(vision_keep=0.5, layer=2, layer_keep=0.5),
+    "llava_onevision": dict(vision_keep=0.5, layer=2, layer_keep=0.5),
+}

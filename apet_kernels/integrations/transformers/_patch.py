@@ -19,6 +19,7 @@ from ._stage2 import make_layer_hook
 from ._state import Patch
 from .llava import LlavaShim
 from .llava_next import LlavaNextShim
+from .llava_onevision import LlavaOnevisionShim
 from .qwen2_5_vl import Qwen25VLShim
 from .qwen2_vl import Qwen2VLShim
 from .video_llava import VideoLlavaShim
@@ -37,6 +38,7 @@ for _shim in (
     VideoLlavaShim(),
     Qwen25VLShim(),
     Qwen2VLShim(),
+    LlavaOnevisionShim(),
 ):
     for _type in _shim.model_types:
         _SHIMS[_type] = _shim
