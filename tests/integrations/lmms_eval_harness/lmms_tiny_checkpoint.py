@@ -99,20 +99,26 @@ def save_llava15(path: Path) -> Path:
     # so an empty answer can only come from a failure.
     model.generation_config.suppress_tokens = list(range(len(SPECIAL)))
     model.save_pretrained(path)
-    # The PIL image processor: the default one needs torchvision, which CPU machines lack.
     image_processor = transformers.CLIPImageProcessorPil(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
     )
-    processor = transformers.LlavaProcessor(
+    _save_processor(path, transformers.LlavaProcessor, image_processor, tokenizer, patch_size=14)
+    return path
+
+
+def _save_processor(path: Path, processor_cls, image_processor, tokenizer, patch_size: int):
+    """A LLaVA-family processor with the CLS token dropped and the tests' chat template. The
+    image processors are the PIL ones: the default ones need torchvision, which CPU machines
+    lack."""
+    processor = processor_cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=14,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(path)
-    return path
 
 
 def write_task(directory: Path) -> Path:
@@ -150,14 +156,22 @@ def write_task(directory: Path) -> Path:
     return directory
 
 
-def word_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
-    """Token i is the word ``w<i>`` (pad 0, bos 1, eos 2, as in tiny_vlms.TEXT)."""
+def word_tokenizer(
+    vocab_size: int, image_id: int | None = None
+) -> transformers.PreTrainedTokenizerFast:
+    """Token i is the word ``w<i>`` (pad 0, bos 1, eos 2, as in tiny_vlms.TEXT); with
+    ``image_id``, that id is the special ``<image>`` token instead (a processor expands it)."""
     vocab = {f"w{i}": i for i in range(vocab_size)}
+    extra = {}
+    if image_id is not None:
+        vocab[IMAGE_TOKEN] = vocab.pop(f"w{image_id}")
+        extra = {"extra_special_tokens": {"image_token": IMAGE_TOKEN}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w3"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="w0", bos_token="w1", eos_token="w2", unk_token="w3"
-    )
+        tokenizer_object=tok, pad_token="w0", bos_token="w1", eos_token="w2", unk_token="w3",
+        **extra,
+    )  # fmt: skip
 
 
 def save_qwen2_5_vl(path: Path):
@@ -209,30 +223,10 @@ def save_llava_next(path: Path) -> Path:
     model, _ = tiny_vlms.build_llava_next()
     model.generation_config.suppress_tokens = tiny_vlms.SUPPRESS
     model.save_pretrained(path)
-    vocab = {f"w{i}": i for i in range(tiny_vlms.TEXT["vocab_size"])}
-    vocab[IMAGE_TOKEN] = vocab.pop(f"w{tiny_vlms.IMAGE_ID}")
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w3"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="w0",
-        bos_token="w1",
-        eos_token="w2",
-        unk_token="w3",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-    )
-    pinpoints = model.config.image_grid_pinpoints
+    tokenizer = word_tokenizer(tiny_vlms.TEXT["vocab_size"], image_id=tiny_vlms.IMAGE_ID)
     image_processor = transformers.LlavaNextImageProcessorPil(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-        image_grid_pinpoints=pinpoints,
+        image_grid_pinpoints=model.config.image_grid_pinpoints,
     )  # fmt: skip
-    processor = transformers.LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(path)
+    _save_processor(path, transformers.LlavaNextProcessor, image_processor, tokenizer, patch_size=8)
     return path
