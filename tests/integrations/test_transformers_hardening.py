@@ -9,11 +9,12 @@ import threading
 import pytest
 import reference
 import torch
-from test_transformers_shims import GEN, built
+from test_transformers_shims import GEN, MODELS, built
 from tiny_vlms import BUDGETS, PROMPTS, patching
 
 from apet_kernels.integrations import apply_apet, last_selection, remove_apet
-from apet_kernels.integrations.transformers import _compat, _squeeze, _stage2
+from apet_kernels.integrations.transformers import _compat, _decode, _squeeze, _stage2
+from apet_kernels.integrations.transformers._layout import next_positions
 
 
 @pytest.fixture
@@ -128,13 +129,22 @@ def test_gradient_checkpointing_equals_plain_backward(name, use_reentrant, patch
         assert not torch.allclose(model(**inputs, labels=labels).loss, ref_loss)
 
 
-@pytest.mark.parametrize("name", ["llava", "llava_next", "qwen2_5_vl"])
-def test_cached_decode_logits_equal_uncached_at_every_step(name, patched):
+@pytest.mark.parametrize(
+    "batch, positions", [("padded", None), ("single", "original"), ("single", "compact")]
+)
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_decode_logits_equal_uncached_at_every_step(name, batch, positions, patched):
     """Every decode step's logits (not only the tokens: a wrong position moves logits by a few
-    1e-3 without changing greedy tokens) equal generate without a cache, batched, left-padded."""
+    1e-3 without changing greedy tokens) equal generate without a cache: a left-padded batch
+    with a text-only row, and one unpadded prompt (generate then drops the all-ones mask, the
+    case that decoded with uncompressed positions on 5.24 when the cache came as ``cache=``)."""
     model, make = built(name)
-    patched(model, **BUDGETS[name])
-    inputs = make([*PROMPTS[name], [6]], pad="left")
+    patched(model, **dict(BUDGETS[name], positions=positions))
+    if batch == "padded":
+        inputs = make([*PROMPTS[name], [6]], pad="left")
+    else:
+        inputs = make(PROMPTS[name][1:])
+        assert bool(inputs.get("attention_mask", torch.ones(1)).all())  # no padding
     kw = dict(GEN, output_logits=True, return_dict_in_generate=True)
     cached = model.generate(**inputs, **kw)
     uncached = model.generate(**inputs, use_cache=False, **kw)
@@ -142,6 +152,14 @@ def test_cached_decode_logits_equal_uncached_at_every_step(name, patched):
     assert len(cached.logits) == GEN["max_new_tokens"]
     for step, (a, b) in enumerate(zip(cached.logits, uncached.logits, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    # negative control: decode positions one off (prefill untouched) leave the first step's
+    # logits equal and move every later step's, so the per-step comparison sees them
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_decode, "next_positions", lambda *a: next_positions(*a) + 1)
+        shifted = model.generate(**inputs, **kw)
+    torch.testing.assert_close(shifted.logits[0], cached.logits[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(shifted.logits[1:], cached.logits[1:], strict=True):
+        assert not torch.allclose(a, b, rtol=1e-5, atol=1e-5)
     # negative control: unpatched decoding of the same prompt differs at the first step
     remove_apet(model)
     plain = model.generate(**inputs, **kw)
