@@ -41,7 +41,7 @@ test-core: $(STAMP)
 # tested on the lowest release as well as the newest. Adds about 1 minute of install (on a fresh
 # machine) and 6 minutes of tests on 2 cores (api+shims+hardening: 250 s on 5.24 measured, 546 s
 # on 5.17 on a machine loaded by other jobs), plus about
-# 70 s for the models beyond the paper's four (test_transformers_new_models.py, issue 14).
+# 2.5 minutes for the models beyond the paper's four (test_transformers_new_models.py, issue 14).
 TF_LOWEST ?= 5.17.0
 TF_LOWEST_DIR ?= .venv-tf-lowest
 test-transformers-lowest: $(STAMP)
