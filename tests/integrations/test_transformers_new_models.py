@@ -303,3 +303,27 @@ def test_decode_positions_continue_after_uncompressed_maximum(name, patched):
     assert int(seen[0].max()) < start
     for t, pos in enumerate(seen[1:]):
         assert pos.shape[-1] == 1 and torch.all(pos == start + t), (t, pos)
+
+
+def test_onevision_tiled_grid_is_resampled_after_the_projector(patched):
+    """The tiny OneVision's tiled image takes the path the issue warns about: its unpadded grid
+    is bilinearly resampled after the projector (the grid unit is smaller than the unpadded grid,
+    which ``anyres_max_9`` would keep), and keep-all still equals the unpatched model there."""
+    model, make = built("llava_onevision")
+    inputs = make(PROMPTS["llava_onevision"][:1])
+    ref = suite.logits(model, inputs)
+    patched(model, vision_keep=1.0, layer=2, layer_keep=1.0)
+    torch.testing.assert_close(suite.logits(model, inputs), ref, rtol=1e-5, atol=1e-5)
+    units = last_selection(model).units
+    assert [u.info.kind for u in units] == ["base", "crop"]
+    h, w = units[1].info.grid
+    assert units[1].num_tokens == h * w
+    crops = inputs["pixel_values"].shape[1]
+    packed, _ = model.model.pack_image_features(
+        [torch.zeros(crops, 16, 1)],
+        inputs["image_sizes"],
+        image_newline=torch.ones(1),
+        vision_aspect_ratio="anyres_max_9",
+    )
+    unpadded = int((packed[0][16:, 0] == 0).sum())
+    assert h * w < unpadded
