@@ -4,11 +4,14 @@ As ``test_qwen2_5_vl.py`` (whose prompts, request builder and engine helpers thi
 on a tiny Qwen2-VL checkpoint (``qwen2_vl_checkpoint``): vLLM's greedy tokens equal the shim's
 (``apply_apet(model, vision_keep=KEEP, layer=None)``, positions "original", fed by the same HF
 processor) and its logprobs are within 1e-5, for square, wide and tall images, two images, two
-videos, image + video and a text-only prompt in one ``generate`` call; prompt token counts are
-text + keep per unit; a negative control (the shim with "compact" positions) fails the
-comparison; and without an ``apet`` key the plugin's subclass equals stock vLLM bitwise.
+videos, image + video, a long-text and a text-only prompt in one ``generate`` call; also with
+chunked prefill (32-token steps, one ending inside an item) and on prefix-cache hits (identical
+to the first run); prompt token counts are text + keep per unit; a negative control (the shim
+with "compact" positions) fails the comparison; and without an ``apet`` key the plugin's
+subclass equals stock vLLM bitwise.
 
-Engines: three (one ApET, one without the key, one stock), about 3 minutes on 2 shared cores.
+Engines: four (ApET with prefix caching, ApET chunked, one without the key, one stock), about
+5 minutes on 2 shared cores.
 """
 
 from __future__ import annotations
@@ -23,8 +26,7 @@ import test_qwen2_5_vl as q25  # noqa: E402
 from engines import LOGPROB_TOL, Greedy, assert_same, hf_greedy, max_logprob_diff  # noqa: E402
 
 KEEP = q25.KEEP
-#: Qwen2.5-VL's prompts without the prefix-cache one (no prefix-cache engine here)
-PROMPTS = [name for name in q25.PROMPTS if name != "long_text"]
+PROMPTS = list(q25.PROMPTS)
 MEDIA = [name for name in PROMPTS if name in q25.MEDIA]
 
 
@@ -70,7 +72,8 @@ def _request(name):
     return req
 
 
-def _vllm_generate(llm) -> dict[str, tuple[Greedy, list[int]]]:
+def _vllm_generate(llm) -> dict[str, tuple[Greedy, list[int], int]]:
+    """name -> (greedy continuation, prompt token ids, cached prompt tokens), one call."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=q25.MAX_NEW, logprobs=0, ignore_eos=True)
@@ -79,16 +82,22 @@ def _vllm_generate(llm) -> dict[str, tuple[Greedy, list[int]]]:
     for name, o in zip(PROMPTS, outs, strict=True):
         c = o.outputs[0]
         lps = [step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids, strict=True)]
-        res[name] = (Greedy(len(o.prompt_token_ids), list(c.token_ids), lps), o.prompt_token_ids)
+        greedy = Greedy(len(o.prompt_token_ids), list(c.token_ids), lps)
+        res[name] = (greedy, list(o.prompt_token_ids), o.num_cached_tokens or 0)
     return res
 
 
 @pytest.fixture(scope="module")
 def runs(checkpoint):
+    """``(first, tokenizer, model class, second)``: two generate calls on one ApET engine with
+    prefix caching, the second finding the first's prompts cached."""
+    apet = {"apet": {"vision_keep": KEEP}}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships a function
-        with q25._engine(checkpoint, hf_overrides={"apet": {"vision_keep": KEEP}}) as llm:
-            return _vllm_generate(llm), llm.get_tokenizer(), q25._model_class(llm)
+        with q25._engine(checkpoint, hf_overrides=apet, enable_prefix_caching=True) as llm:
+            first = _vllm_generate(llm)
+            second = _vllm_generate(llm)
+            return first, llm.get_tokenizer(), q25._model_class(llm), second
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +111,7 @@ def test_matches_hf_shim(runs, hf_apet, name):
 
 
 def test_plugin_class_and_prompt_token_counts(runs):
-    res, tokenizer, cls = runs
+    res, tokenizer, cls, _ = runs
     assert cls == "ApetQwen2VLForConditionalGeneration"
     for name in PROMPTS:
         assert len(res[name][1]) == q25._expected_prompt_len(tokenizer, name, KEEP), name
@@ -115,6 +124,46 @@ def test_negative_control_wrong_positions_fail(runs, checkpoint):
     diffs = {n: max_logprob_diff(runs[0][n][0], wrong[n]) for n in MEDIA}
     assert all(d > 100 * LOGPROB_TOL for d in diffs.values()), diffs
     assert_same(runs[0]["text_only"][0], wrong["text_only"])
+
+
+def test_prefix_cache_hit_gives_identical_logprobs(runs, checkpoint):
+    import transformers
+
+    first, _, _, second = runs
+    cfg = transformers.AutoConfig.from_pretrained(checkpoint)
+    pads = (cfg.image_token_id, cfg.video_token_id)
+    # some hit covers compressed placeholders (the item's kept tokens are not recomputed)
+    assert any(any(t in pads for t in second[n][1][: second[n][2]]) for n in PROMPTS), {
+        n: second[n][2] for n in PROMPTS
+    }
+    for name in PROMPTS:
+        assert second[name][1] == first[name][1]
+        assert_same(second[name][0], first[name][0])
+
+
+@pytest.fixture(scope="module")
+def chunked(checkpoint):
+    """One ApET engine prefilling in 32-token steps, one request at a time."""
+    with q25._engine(
+        checkpoint,
+        hf_overrides={"apet": {"vision_keep": KEEP}},
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=q25.CHUNK,
+        max_num_seqs=1,  # one request per step: every prompt is cut at 32, 64, ...
+        enable_prefix_caching=False,
+    ) as llm:
+        return _vllm_generate(llm), llm.llm_engine.model_config.hf_config
+
+
+def test_chunked_prefill_matches_hf_shim(chunked, hf_apet):
+    res, cfg = chunked
+    pads = (cfg.image_token_id, cfg.video_token_id)
+    chunk = q25.CHUNK
+    ids = {n: res[n][1] for n in MEDIA}
+    # some 32-token step ends between two placeholders of one item
+    assert any(len(x) > chunk and {x[chunk - 1], x[chunk]} <= set(pads) for x in ids.values())
+    for name in PROMPTS:
+        assert_same(res[name][0], hf_apet[name])
 
 
 def test_no_apet_key_equals_stock(checkpoint, monkeypatch):
