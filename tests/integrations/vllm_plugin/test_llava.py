@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from checkpoints import llava, llava_next
+from checkpoints import IMAGE_ID, llava, llava_next
 from engines import (
     LOGPROB_TOL,
     assert_same,
@@ -150,6 +150,34 @@ def test_llava_prefix_cache_hit_equals_first_run(llava_apet):
         for o in (first, second)
     ]
     assert lp[0] == lp[1]
+
+
+def test_llava_chunked_prefill_equals_hf_shim(llava_path):
+    """Prefill in 32-token steps, one request per step, the first step ending between two
+    placeholders of the first image: the same tokens and logprobs as the HF shim."""
+    from vllm import SamplingParams
+
+    specs = [
+        ("w20 " * 28 + "<image> w21 <image> w22", [(50, 60, 5), (60, 50, 6)]),
+        LLAVA_PROMPTS[0],
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
+    with engine(
+        llava_path,
+        hf_overrides={"apet": {"vision_keep": 8}},
+        limit_mm_per_prompt={"image": 2},
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=32,
+        max_num_seqs=1,  # one request per step: a prompt is cut at 32, 64, ...
+        enable_prefix_caching=False,
+    ) as llm:
+        ids = llm.generate([prompt(*specs[0])], params, use_tqdm=False)[0].prompt_token_ids
+        got = vllm_greedy(llm, [prompt(t, i) for t, i in specs], MAX_TOKENS)
+    assert len(ids) == 28 + 2 + 2 * 8 and ids[31] == ids[32] == IMAGE_ID  # the cut: inside an image
+    model, processor = _hf(llava_path, transformers.LlavaForConditionalGeneration)
+    for g, (w, dropped) in zip(got, _hf_run(model, processor, specs, vision_keep=8), strict=True):
+        assert g.prompt_tokens == w.prompt_tokens - dropped
+        assert_same(g, w)
 
 
 def test_llava_without_apet_is_stock(llava_path):
