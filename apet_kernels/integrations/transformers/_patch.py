@@ -123,7 +123,8 @@ def apply_apet(model, config: ApetConfig | str | None = None, **overrides):
     """Patch a VLM so that its forward (and generate) compresses visual tokens with ApET.
 
     Args:
-        model: a LLaVA-1.5, LLaVA-NeXT, Video-LLaVA or Qwen2.5-VL model instance
+        model: a model instance of a supported type (supported_model_types(): LLaVA-1.5, LLaVA-NeXT,
+            LLaVA-OneVision, Video-LLaVA, Qwen2-VL, Qwen2.5-VL)
             (``*ForConditionalGeneration`` or the base ``*Model``), patched in place; or one of
             those classes, whose instances are then patched as they are built.
         config: an :class:`ApetConfig`, a preset name (see :func:`presets`), or None for the
