@@ -100,6 +100,16 @@ class ApetConfig:
             overrides.setdefault("layer_keep", None)
         return dataclasses.replace(self, **overrides)
 
+    def op_kwargs(self) -> dict:
+        """The op's keyword arguments for this config (``num_basis``, ``ridge``, ``merge``,
+        ``backend``), so every integration calls ``compress_varlen`` the same way."""
+        return {
+            "num_basis": self.num_basis,
+            "ridge": self.ridge,
+            "merge": self.merge,
+            "backend": self.backend,
+        }
+
     def stage1_keep(self, n: int) -> int:
         """Stage-1 tokens kept from a unit of ``n`` tokens (0 for an empty unit)."""
         return _budget(self.vision_keep, n)

@@ -59,15 +59,7 @@ def squeeze(
         left: re-pad on the left (else the right).
         counts: the columns every row keeps when the host knows them (no sync then).
     """
-    c = compress_varlen(
-        x,
-        seqlens,
-        keep,
-        num_basis=cfg.num_basis,
-        ridge=cfg.ridge,
-        merge=cfg.merge,
-        backend=cfg.backend,
-    )
+    c = compress_varlen(x, seqlens, keep, **cfg.op_kwargs())
     device = stay.device  # x may sit elsewhere (a vision tower on another device)
     kept = c.kept.to(device)
     rows, cols = tok_row[kept], tok_col[kept]

@@ -197,15 +197,7 @@ class ApetLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor):
 
 
 def _compress(cfg: ApetConfig, feats: torch.Tensor, seqlens: list[int]):
-    return compress_varlen(
-        feats,
-        seqlens,
-        [cfg.stage1_keep(n) for n in seqlens],
-        num_basis=cfg.num_basis,
-        ridge=cfg.ridge,
-        merge=cfg.merge,
-        backend=cfg.backend,
-    )
+    return compress_varlen(feats, seqlens, [cfg.stage1_keep(n) for n in seqlens], **cfg.op_kwargs())
 
 
 # --------------------------------------------------------------------------------------------

@@ -124,27 +124,15 @@ class ApetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
         cfg = self.apet_config
         if cfg is None:
             return super().embed_multimodal(**kwargs)
-        merge = self.config.vision_config.spatial_merge_size
         tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
-        embeds, budgets, factors = [], [], []
-        for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
-            if inputs is None:
-                continue
-            if modality == "image":
-                out = self._process_image_input(inputs)
-                grids = inputs["image_grid_thw"].tolist()  # kept on the host by the processor
-                factors += [1.0] * len(grids)  # t = 1: offset 0
-            else:
-                out = self._process_video_input(inputs)
-                grids = inputs["video_grid_thw"].tolist()
-                seconds = inputs.get("second_per_grid_ts")
-                seconds = [1.0] * len(grids) if seconds is None else seconds.tolist()
-                factors += [float(s) * tokens_per_second for s in seconds]
-            embeds += list(out)
-            budgets += [unit_budget(cfg, g, merge) for g in grids]
-        if not embeds:
-            return []
-        return _compress(cfg, embeds, budgets, factors)
+
+        def video_t_steps(inputs, n: int) -> list[float]:
+            seconds = inputs.get("second_per_grid_ts")
+            seconds = [1.0] * n if seconds is None else seconds.tolist()
+            return [float(s) * tokens_per_second for s in seconds]
+
+        parsed = self._parse_and_validate_multimodal_inputs(**kwargs)
+        return embed_and_compress(self, cfg, parsed, video_t_steps)
 
     # ---------------------------------------------------------------- M-RoPE positions
 
@@ -201,6 +189,42 @@ class ApetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
         return cleaned, positions, delta
 
 
+def embed_and_compress(
+    model, cfg: ApetConfig, parsed: Mapping[str, Any], video_t_steps
+) -> Sequence[torch.Tensor]:
+    """Encode the parsed media items of a Qwen-VL model and compress them in one call.
+
+    Args:
+        model: a vLLM Qwen2-VL / Qwen2.5-VL model (its ``_process_image_input`` /
+            ``_process_video_input``).
+        parsed: ``_parse_and_validate_multimodal_inputs``'s result: modality -> inputs or None
+            (keys "image"/"video" in Qwen2.5-VL, "images"/"videos" in Qwen2-VL).
+        video_t_steps: ``(inputs, n) -> n floats``, the t step between temporal slices of each
+            of the ``n`` videos.
+
+    Returns:
+        Per item ``(t * keep, D + CHANNELS)`` (:func:`_compress`), or ``[]`` without media.
+    """
+    merge = model.config.vision_config.spatial_merge_size
+    embeds, budgets, factors = [], [], []
+    for modality, inputs in parsed.items():
+        if inputs is None:
+            continue
+        if modality.startswith("image"):
+            out = model._process_image_input(inputs)
+            grids = inputs["image_grid_thw"].tolist()  # kept on the host by the processor
+            factors += [1.0] * len(grids)  # t = 1: offset 0
+        else:
+            out = model._process_video_input(inputs)
+            grids = inputs["video_grid_thw"].tolist()
+            factors += video_t_steps(inputs, len(grids))
+        embeds += list(out)
+        budgets += [unit_budget(cfg, g, merge) for g in grids]
+    if not embeds:
+        return []
+    return _compress(cfg, embeds, budgets, factors)
+
+
 def _compress(
     cfg: ApetConfig,
     embeds: list[torch.Tensor],
@@ -221,15 +245,7 @@ def _compress(
     x = torch.cat(embeds) if len(embeds) > 1 else embeds[0]
     seqlens = [h * w for t, h, w, _ in budgets for _ in range(t)]
     keeps = [k for t, _, _, k in budgets for _ in range(t)]
-    c = compress_varlen(
-        x,
-        seqlens,
-        keeps,
-        num_basis=cfg.num_basis,
-        ridge=cfg.ridge,
-        merge=cfg.merge,
-        backend=cfg.backend,
-    )
+    c = compress_varlen(x, seqlens, keeps, **cfg.op_kwargs())
     host = torch.cat(
         [_mrope.item_offsets(t, h, w, f) for (t, h, w, _), f in zip(budgets, factors, strict=True)]
     )

@@ -41,7 +41,7 @@ from .qwen2_5_vl import (
 from .qwen2_5_vl import (
     ApetQwen2_5_VLMultiModalProcessor as _Qwen25Processor,
 )
-from .qwen2_5_vl import _compress, unit_budget
+from .qwen2_5_vl import embed_and_compress
 
 
 class ApetQwen2VLMultiModalProcessor(Qwen2VLMultiModalProcessor):
@@ -86,26 +86,10 @@ class ApetQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         cfg = self.apet_config
         if cfg is None:
             return super().embed_multimodal(**kwargs)
-        merge = self.config.vision_config.spatial_merge_size
         # stock iter_mm_grid_thw's t step of a video (Qwen2-VL has no second_per_grid_ts)
         t_step = float(getattr(self.config.vision_config, "tokens_per_second", 1.0))
-        embeds, budgets, factors = [], [], []
-        for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
-            if inputs is None:
-                continue
-            if modality == "images":
-                out = self._process_image_input(inputs)
-                grids = inputs["image_grid_thw"].tolist()  # kept on the host by the processor
-                factors += [1.0] * len(grids)  # t = 1: offset 0
-            else:
-                out = self._process_video_input(inputs)
-                grids = inputs["video_grid_thw"].tolist()
-                factors += [t_step] * len(grids)
-            embeds += list(out)
-            budgets += [unit_budget(cfg, g, merge) for g in grids]
-        if not embeds:
-            return []
-        return _compress(cfg, embeds, budgets, factors)
+        parsed = self._parse_and_validate_multimodal_inputs(**kwargs)
+        return embed_and_compress(self, cfg, parsed, lambda inputs, n: [t_step] * n)
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
         if self.apet_config is None:
