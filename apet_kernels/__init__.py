@@ -5,6 +5,8 @@ Public API (inference-only):
     compress_varlen(x (T, D), seqlens, keep, ...)
         -> Compressed(tokens (ΣK, D), kept (ΣK,), assign (T,))
     keep_count(n, ratio) -> int
+    apply_selection(x, kept, assign): carry other features (Qwen3-VL's DeepStack planes)
+        through a compression the op made: same kept tokens, same merge groups.
     backends(device) -> {name: "available" | reason}
     apply_apet / remove_apet: Hugging Face shims, imported lazily from apet_kernels.integrations.
 
@@ -17,12 +19,14 @@ from __future__ import annotations
 from . import _library  # noqa: F401  (registers torch.ops.apet.*)
 from .api import Compressed, compress, compress_varlen, keep_count
 from .dispatch import backends
+from .selection import apply_selection
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Compressed",
     "apply_apet",
+    "apply_selection",
     "backends",
     "compress",
     "compress_varlen",
