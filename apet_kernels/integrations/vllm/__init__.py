@@ -39,6 +39,12 @@ MODELS = {
     "Qwen2VLForConditionalGeneration": (
         "apet_kernels.integrations.vllm.qwen2_vl:ApetQwen2VLForConditionalGeneration"
     ),
+    "Qwen3VLForConditionalGeneration": (
+        "apet_kernels.integrations.vllm.qwen3_vl:ApetQwen3VLForConditionalGeneration"
+    ),
+    "LlavaOnevisionForConditionalGeneration": (
+        "apet_kernels.integrations.vllm.llava_onevision:ApetLlavaOnevisionForConditionalGeneration"
+    ),
 }
 
 
