@@ -34,6 +34,7 @@ GEN = suite.GEN
 #: (merger output per image / temporal slice) and get_rope_index call are Qwen2.5-VL's
 REFERENCE_FAMILY = {"qwen2_vl": "qwen2_5_vl"}
 _CACHE: dict = {}
+ORIGINAL = {"positions": "original"}  # the Qwen shims' default position mode, stage 2 off
 
 
 def built(name: str, attn: str = "sdpa"):
@@ -127,12 +128,17 @@ def stage1(name, model, inputs, vision_keep) -> reference.Stage1:
 
 
 @pytest.mark.parametrize(
-    "name, preset", [("qwen2_vl", "qwen2-vl/30%"), ("llava_onevision", "llava-onevision/30%")]
+    "name, preset, layer",
+    [
+        ("qwen2_vl", "qwen2-vl/30%", 14),
+        ("llava_onevision", "llava-onevision/30%", 14),
+        ("qwen3_vl", "qwen3-vl/30%", 18),
+    ],
 )
-def test_registered_with_a_ratio_preset(name, preset):
+def test_registered_with_a_ratio_preset(name, preset, layer):
     assert name in supported_model_types()
     cfg = presets(name)[preset]
-    assert (cfg.vision_keep, cfg.layer, cfg.layer_keep) == (0.30, 14, 1 / 3)
+    assert (cfg.vision_keep, cfg.layer, cfg.layer_keep) == (0.30, layer, 1 / 3)
     model, _ = built(name)
     # the default preset resolves (the tiny model's 4 layers reject layer 14: it was applied)
     with pytest.raises(ValueError, match="layer must satisfy 1 <= layer < 4"):
@@ -327,3 +333,95 @@ def test_onevision_tiled_grid_is_resampled_after_the_projector(patched):
     )
     unpadded = int((packed[0][16:, 0] == 0).sum())
     assert h * w < unpadded
+
+
+def _deepstack_inputs(model):
+    """What the decoder stack receives as ``visual_pos_masks`` / ``deepstack_visual_embeds`` in
+    every forward of ``model`` while the context is open (a list, one entry per call)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append((kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")))
+
+    return seen, model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_qwen3_deepstack_planes_follow_their_tokens(patched):
+    """The compressed prefill hands the decoder one DeepStack row per kept visual token (the mask
+    covers exactly the stage-1 visual columns); negative controls: planes dropped, or kept
+    without merging them by the unit's groups, give other logits than the shim's, which equal the
+    reference that merges them."""
+    model, make = built("qwen3_vl")
+    cfg = dict(BUDGETS["qwen3_vl"], positions="original")
+    patched(model, **cfg)
+    inputs = make(PROMPTS["qwen3_vl"][1:])
+    seen, hook = _deepstack_inputs(model)
+    try:
+        out = suite.logits(model, inputs)[0]
+    finally:
+        hook.remove()
+    ((mask, planes),) = seen
+    ids = inputs["input_ids"][0]
+    k1 = sum(len(u.kept) for u in last_selection(model).units)
+    columns = last_selection(model).stage1_columns[0]  # the stage-1 sequence, before stage 2
+    assert mask.shape == (1, len(columns)) and int(mask.sum()) == k1
+    assert torch.equal(mask[0], (ids[columns] == 250) | (ids[columns] == 251))
+    n = len(model.config.vision_config.deepstack_visual_indexes)
+    assert len(planes) == n >= 2 and all(p.shape == (k1, 64) for p in planes)
+    rows = {"merged": stage1("qwen3_vl", model, inputs, cfg["vision_keep"])}
+    for mode in ("kept", "none"):
+        rows[mode] = reference.stage1("qwen3_vl", model, inputs, cfg["vision_keep"], planes=mode)
+    refs = {m: reference.logits(model, s1, cfg)[0] for m, s1 in rows.items()}
+    torch.testing.assert_close(out, refs["merged"], rtol=1e-5, atol=1e-5)
+    for mode in ("kept", "none"):
+        assert not torch.allclose(out, refs[mode], atol=1e-3), mode
+
+
+def test_qwen3_decode_steps_get_no_planes(patched):
+    """DeepStack rows belong to the prompt's visual tokens: decode steps pass none."""
+    model, make = built("qwen3_vl")
+    patched(model, **BUDGETS["qwen3_vl"])
+    seen, hook = _deepstack_inputs(model)
+    try:
+        model.generate(**make(PROMPTS["qwen3_vl"], pad="left"), **dict(GEN, max_new_tokens=3))
+    finally:
+        hook.remove()
+    assert [m is not None for m, _ in seen] == [True, False, False]
+    assert all(p is None for _, p in seen[1:])
+
+
+@pytest.mark.parametrize("layer", [1, None])
+def test_qwen3_stage2_refused_at_or_before_the_last_deepstack_layer(layer, patched):
+    """Stage 2 at layer 1 would shorten the sequence before plane 1 is added after layer 1: it is
+    refused, naming ``layer`` and the DeepStack layers; layer 2 is accepted (the budget the other
+    tests use); without stage 2 (layer None) keep-all equals the unpatched model (logits and
+    generate), so the call context leaves the decoder when no layer hook takes it out."""
+    model, make = built("qwen3_vl")
+    if layer is not None:
+        with pytest.raises(ValueError, match=r"layer must be >= 2 .* got 1.*DeepStack layer \(1\)"):
+            apply_apet(model, vision_keep=0.5, layer=layer, layer_keep=0.5)
+        assert "forward" not in model.__dict__  # nothing was patched
+        return
+    single, batch = make(PROMPTS["qwen3_vl"][1:]), make(PROMPTS["qwen3_vl"], pad="left")
+    ref, ref_gen = suite.logits(model, single), model.generate(**batch, **GEN)
+    patched(model, vision_keep=1.0, layer=None)
+    torch.testing.assert_close(suite.logits(model, single), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.generate(**batch, **GEN), ref_gen)
+    patched(model, vision_keep=0.5, layer=None)
+    s1 = stage1("qwen3_vl", model, single, 0.5)
+    torch.testing.assert_close(
+        suite.logits(model, single)[0],
+        reference.logits(model, s1, ORIGINAL)[0],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_qwen3_remove_leaves_no_decoder_hook():
+    model, make = built("qwen3_vl")
+    lm = model.model.language_model
+    before = dict(lm._forward_pre_hooks)
+    apply_apet(model, **BUDGETS["qwen3_vl"])
+    assert len(lm._forward_pre_hooks) == len(before) + 1
+    remove_apet(model)
+    assert dict(lm._forward_pre_hooks) == before

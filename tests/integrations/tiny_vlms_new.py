@@ -129,7 +129,86 @@ def build_llava_onevision(attn: str = "sdpa"):
     return model, make_inputs
 
 
-BUILDERS = {"qwen2_vl": build_qwen2_vl, "llava_onevision": build_llava_onevision}
+def build_qwen3_vl(attn: str = "sdpa"):
+    """Qwen3-VL shape: 4 px patches, 2x2 merge, a learned 4x4 position grid; vision blocks 0 and
+    1 feed two DeepStack planes (added after decoder layers 0 and 1). An image is a 6x8 patch grid
+    = 3x4 tokens; a video 2 temporal slices of 4x4 patches = 2 x 2x2 tokens, laid out as the
+    processor does: per slice, timestamp text, vision_start, its tokens, vision_end."""
+    vision = dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=TEXT["hidden_size"],
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[0, 1],
+    )
+    text = dict(
+        TEXT,
+        head_dim=TEXT["hidden_size"] // TEXT["num_attention_heads"],  # the config's default: 128
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+        },
+    )
+    cfg = transformers.Qwen3VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_ID,
+        video_token_id=VIDEO_ID,
+        vision_start_token_id=252,
+        vision_end_token_id=253,
+    )
+    model = _finish(transformers.Qwen3VLForConditionalGeneration, cfg, attn)
+    patch_dim = 3 * 2 * 4 * 4
+
+    def make_inputs(prompts, pad="left"):
+        rows, types = [], []
+        images, image_thw, videos, video_thw = [], [], [], []
+        for prompt in prompts:
+            row, typ = [], []
+            for seg in prompt:
+                kind, seed = _seg(seg)
+                if kind == "text":
+                    new = _text_tokens(seed, len(row))
+                    row += new
+                    typ += [0] * len(new)
+                    continue
+                thw = (1, 6, 8) if kind == "image" else (2, 4, 4)
+                n = thw[0] * thw[1] * thw[2]
+                tok, t = (IMAGE_ID, 1) if kind == "image" else (VIDEO_ID, 2)
+                for s in range(thw[0]):
+                    stamp = [] if kind == "image" else [40 + s, 41]  # "<0.5 seconds>"
+                    row += stamp + [252] + [tok] * (n // thw[0] // 4) + [253]
+                    typ += [0] * (len(stamp) + 1) + [t] * (n // thw[0] // 4) + [0]
+                (images if kind == "image" else videos).append(_pixels((n, patch_dim), seed))
+                (image_thw if kind == "image" else video_thw).append(thw)
+            rows.append(row)
+            types.append(typ)
+        ids, mask = _pad_batch(rows, pad)
+        tt, _ = _pad_batch(types, pad)
+        out = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=tt)
+        if images:
+            out["pixel_values"] = torch.cat(images)
+            out["image_grid_thw"] = torch.tensor(image_thw)
+        if videos:
+            out["pixel_values_videos"] = torch.cat(videos)
+            out["video_grid_thw"] = torch.tensor(video_thw)
+        return out
+
+    return model, make_inputs
+
+
+BUILDERS = {
+    "qwen2_vl": build_qwen2_vl,
+    "llava_onevision": build_llava_onevision,
+    "qwen3_vl": build_qwen3_vl,
+}
 #: as in ``tiny_vlms``: two prompts (the second with more items) and a budget that compresses.
 PROMPTS = {
     "qwen2_vl": [[3, "image", 4], [2, "video", 3, ("image", 2), 2]],
@@ -137,8 +216,12 @@ PROMPTS = {
         [3, ("image", 0, (64, 40)), 4],
         [2, "video", 3, ("image", 1, (24, 40)), 2, ("image", 2), 2],
     ],
+    # two videos around an image: the DeepStack planes' sequence order interleaves kinds
+    "qwen3_vl": [[3, "image", 4], [2, "video", 3, ("image", 2), 2, ("video", 5), 1]],
 }
 BUDGETS = {
     "qwen2_vl": dict(vision_keep=0.5, layer=2, layer_keep=0.5),
     "llava_onevision": dict(vision_keep=0.5, layer=2, layer_keep=0.5),
+    # layer 2: the first stage-2 layer after the tiny model's two DeepStack layers (0, 1)
+    "qwen3_vl": dict(vision_keep=0.5, layer=2, layer_keep=0.5),
 }

@@ -13,6 +13,10 @@ beyond the models' documented forward arguments, by name:
   forward: the shims pass their per-call state that way (see ``_state.py``).
 * ``GenerationMixin._expand_inputs_for_generation`` (wrapped for beam search and
   ``num_return_sequences``, see ``_generate.py``).
+* Qwen3-VL's ``get_image_features`` / ``get_video_features``: ``deepstack_features`` is one
+  packed tensor per plane in 5.17, a tuple of per-item tensors per plane from 5.19 on
+  (:func:`packed_planes`); ``Qwen3VLTextModel.forward`` takes ``visual_pos_masks`` and
+  ``deepstack_visual_embeds`` in every tested release.
 """
 
 from __future__ import annotations
@@ -54,6 +58,12 @@ def layer_cache(kwargs: dict[str, Any]):
 def output_cache(out):
     """The KV cache a model output carries (None without one); ``out`` is a ``ModelOutput``."""
     return next((out[n] for n in CACHE_NAMES if n in out.keys()), None)
+
+
+def packed_planes(planes) -> list[torch.Tensor]:
+    """Qwen3-VL's ``deepstack_features`` as one ``(T, D)`` tensor per plane, items packed in
+    order, whether the release split them per item (a tuple per plane) or not (a tensor)."""
+    return [p if isinstance(p, torch.Tensor) else torch.cat(list(p)) for p in planes]
 
 
 def causal_mask(config, embeds: torch.Tensor, mask2d: torch.Tensor, cache, layer_idx: int):

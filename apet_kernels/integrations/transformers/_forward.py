@@ -74,7 +74,7 @@ def _call(patch: Patch, ctx: CallContext, kw: dict, cache):
     return_dict = kw.pop("return_dict", None)
     if cache is not None:
         kw[patch.cache_kw] = cache
-    if patch.config.layer is not None:
+    if patch.config.layer is not None or ctx.lm_kwargs is not None:
         kw[CALL_KEY] = ctx
     return patch.orig_forward(**kw, return_dict=True), return_dict
 
@@ -127,6 +127,12 @@ def _prefill(patch: Patch, kw: dict, cache):
         left=left,
         raw=s1.raw,
     )
+    if s1.planes:
+        # the decoder reads planes in row-major order of the visual columns (hidden[visual1]);
+        # the op's output order is unit after unit, images before videos
+        order = (s1.tok_row * visual1.shape[1] + s1.tok_col).argsort()
+        planes = [p[order.to(p.device)] for p in s1.planes]
+        ctx.lm_kwargs = shim.plane_kwargs(visual1, planes)
     labels = kw.pop("labels", None)
     for key in shim.visual_keys:
         kw.pop(key, None)

@@ -4,7 +4,7 @@ qwen2_5_vl.py) tells the shared stages about its vision stage, placeholders and 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,6 +41,10 @@ class VisualInput:
         infos: one :class:`UnitInfo` per unit.
         project: maps kept tokens ``(T1, D_v)`` to text embeddings ``(T1, D_text)``.
         placeholders: one :class:`Placeholder` per placeholder token id.
+        planes: extra per-token feature tensors, each ``(T, D_p)`` with the rows of
+            ``features`` (Qwen3-VL's DeepStack planes). Stage 1 compresses each with the kept
+            indices and merge groups of ``features`` (:func:`apet_kernels.apply_selection`) and
+            hands them to :meth:`Shim.plane_kwargs`. Empty for most models.
     """
 
     features: torch.Tensor
@@ -48,6 +52,7 @@ class VisualInput:
     infos: list[UnitInfo]
     project: Callable[[torch.Tensor], torch.Tensor]
     placeholders: list[Placeholder]
+    planes: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -81,6 +86,9 @@ class Shim:
     #: the paper's setting for this model family, and named budget rows.
     default_preset: str = ""
     presets: dict[str, ApetConfig] = {}
+    #: whether the vision stage yields planes (``VisualInput.planes``) that the decoder stack's
+    #: forward takes as keyword arguments (:meth:`plane_kwargs`; a pre-hook on it passes them).
+    has_planes: bool = False
 
     def base(self, model: nn.Module) -> nn.Module:
         """The multimodal base model (``model.model`` of a *ForConditionalGeneration)."""
@@ -89,6 +97,20 @@ class Shim:
     def language_model(self, model: nn.Module) -> nn.Module:
         """The decoder stack (has ``layers``, ``rotary_emb`` and ``config``)."""
         return self.base(model).language_model
+
+    def check(self, model: nn.Module, config: ApetConfig) -> None:
+        """Refuse a config this model cannot run (raise ValueError naming the field); called by
+        ``apply_apet`` after the generic checks."""
+
+    def plane_kwargs(self, visual: torch.Tensor, planes: list[torch.Tensor]) -> dict[str, Any]:
+        """Keyword arguments of the decoder stack's forward that carry the stage-1 planes.
+
+        Args:
+            visual: ``(B, L1)`` bool, the columns of the stage-1 visual tokens.
+            planes: the compressed planes, each ``(V, D_p)``: one row per True entry of
+                ``visual``, in row-major order (the order ``hidden[visual]`` reads).
+        """
+        raise NotImplementedError
 
     def has_visual(self, kwargs: dict[str, Any]) -> bool:
         """Whether this forward carries visual inputs to compress."""

@@ -15,13 +15,14 @@ from ._forward import patched_forward
 from ._generate import expand_for_generation
 from ._interface import Shim
 from ._selection import Selection
-from ._stage2 import make_layer_hook
+from ._stage2 import make_layer_hook, make_planes_hook
 from ._state import Patch
 from .llava import LlavaShim
 from .llava_next import LlavaNextShim
 from .llava_onevision import LlavaOnevisionShim
 from .qwen2_5_vl import Qwen25VLShim
 from .qwen2_vl import Qwen2VLShim
+from .qwen3_vl import Qwen3VLShim
 from .video_llava import VideoLlavaShim
 
 #: transformers versions the shims are tested against: CI runs the suite on the lowest (5.17)
@@ -39,6 +40,7 @@ for _shim in (
     Qwen25VLShim(),
     Qwen2VLShim(),
     LlavaOnevisionShim(),
+    Qwen3VLShim(),
 ):
     for _type in _shim.model_types:
         _SHIMS[_type] = _shim
@@ -117,6 +119,7 @@ def _check_model(shim: Shim, model: nn.Module, config: ApetConfig) -> None:
         raise NotImplementedError(
             f"apet supports full-attention decoders only, got {sorted(types)}"
         )
+    shim.check(model, config)
 
 
 def apply_apet(model, config: ApetConfig | str | None = None, **overrides):
@@ -124,7 +127,7 @@ def apply_apet(model, config: ApetConfig | str | None = None, **overrides):
 
     Args:
         model: a model instance of a supported type (supported_model_types(): LLaVA-1.5, LLaVA-NeXT,
-            LLaVA-OneVision, Video-LLaVA, Qwen2-VL, Qwen2.5-VL)
+            LLaVA-OneVision, Video-LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
             (``*ForConditionalGeneration`` or the base ``*Model``), patched in place; or one of
             those classes, whose instances are then patched as they are built.
         config: an :class:`ApetConfig`, a preset name (see :func:`presets`), or None for the
@@ -135,7 +138,8 @@ def apply_apet(model, config: ApetConfig | str | None = None, **overrides):
         The same model (or class).
 
     Raises:
-        ValueError: unsupported model type, unknown preset, or a budget/layer out of range.
+        ValueError: unsupported model type, unknown preset, or a budget/layer out of range
+            (Qwen3-VL: ``layer`` at or before its last DeepStack layer).
         TypeError: a field of the wrong type or an unknown field name.
     """
     _check_version()
@@ -169,6 +173,9 @@ def apply_apet(model, config: ApetConfig | str | None = None, **overrides):
             patch.hooks.append(
                 layers[i].register_forward_pre_hook(make_layer_hook(patch, i), with_kwargs=True)
             )
+    if shim.has_planes:
+        lm = shim.language_model(model)
+        patch.hooks.append(lm.register_forward_pre_hook(make_planes_hook(patch), with_kwargs=True))
     model.forward = forward
     if hasattr(model, _EXPAND) and _EXPAND not in model.__dict__:
         patch.orig_expand = getattr(model, _EXPAND)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ...selection import apply_selection
 from ._config import ApetConfig
 from ._interface import VisualInput
 from ._layout import Relayout
@@ -29,6 +30,8 @@ class Stage1(NamedTuple):
         tok_row, tok_col: ``(T1,)`` where each stage-1 token (in the op's output order) sits.
         unit_rows: host ints, the batch row of every unit (-1 for a unit without tokens).
         raw: the selection record (stage 2 fills in its part).
+        planes: the shim's planes compressed as the visual tokens were, each ``(T1, D_p)`` in
+            the op's output order (row i belongs to the token at ``tok_row[i], tok_col[i]``).
     """
 
     lay: Relayout
@@ -37,6 +40,7 @@ class Stage1(NamedTuple):
     tok_col: torch.Tensor
     unit_rows: list[int]
     raw: RawSelection
+    planes: list[torch.Tensor]
 
 
 def stage1(
@@ -85,9 +89,11 @@ def stage1(
     for filler, pos in fillers:
         embeds[pos[:, 0], lay.newcol[pos[:, 0], pos[:, 1]]] = filler.to(embeds)
     place(embeds, sq, vis.project(sq.tokens))
+    # each kept token gets the plane features of its own merge group, as its main features did
+    planes = [apply_selection(p, sq.kept.to(p.device), sq.assign.to(p.device)) for p in vis.planes]
     # The row of every unit, from its first token, read back with the row counts' sync.
     starts = torch.tensor([0, *vis.seqlens[:-1]], device=device).cumsum(0).clamp(max=total - 1)
     has = torch.tensor([n > 0 for n in vis.seqlens], device=device)
     unit_rows = torch.where(has, tok_row0[starts], -1) if total else torch.full_like(starts, -1)
     raw = RawSelection(vis.infos, unit_rows, list(vis.seqlens), keep1, sq.kept, sq.assign)
-    return Stage1(lay, embeds, sq.rows, sq.cols, unit_rows.tolist(), raw)
+    return Stage1(lay, embeds, sq.rows, sq.cols, unit_rows.tolist(), raw, planes)

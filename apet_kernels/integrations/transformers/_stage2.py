@@ -98,3 +98,23 @@ def make_layer_hook(patch: Patch, index: int):
         return args, kwargs
 
     return hook
+
+
+def make_planes_hook(patch: Patch):
+    """Forward pre-hook of the decoder stack (shims with planes, ``Shim.has_planes``): passes a
+    compressing prefill's planes as the stack's keyword arguments (``CallContext.lm_kwargs``,
+    e.g. Qwen3-VL's ``visual_pos_masks`` and ``deepstack_visual_embeds``, which its multimodal
+    forward only builds from pixel values), and takes the call's context out of the arguments
+    when no layer hooks will (stage 2 off)."""
+
+    def hook(module, args, kwargs):
+        ctx = kwargs.get(CALL_KEY)
+        if ctx is None:
+            return args, kwargs
+        if ctx.lm_kwargs is not None:
+            kwargs.update(ctx.lm_kwargs)
+        if patch.config.layer is None:
+            del kwargs[CALL_KEY]
+        return args, kwargs
+
+    return hook

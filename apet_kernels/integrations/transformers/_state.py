@@ -67,6 +67,8 @@ class CallContext:
     raw: RawSelection | None = None
     index2: torch.Tensor | None = None  # (B, L2) source columns (in L1) of the stage-2 sequence
     group2_kwargs: dict | None = None
+    #: prefill: the decoder stack's extra keyword arguments (Shim.plane_kwargs), or None
+    lm_kwargs: dict | None = None
 
 
 @dataclass
