@@ -51,8 +51,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _nan_as(t: torch.Tensor, value: float) -> torch.Tensor:
-    return torch.where(torch.isnan(t), torch.full_like(t, value), t)
+def _nan_as(t: torch.Tensor, value: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``t`` with NaN replaced by ``value``, every other value (±inf and -0.0 included) bit for
+    bit: one ``nan_to_num`` pass (isnan + full_like + where took three); ``out=t`` in place."""
+    inf = float("inf")
+    return torch.nan_to_num(t, nan=value, posinf=inf, neginf=-inf, out=out)
 
 
 # Below this many elements (N·D of one segment) the (G, N, D) difference of a cache-sized group
@@ -107,13 +110,13 @@ def ieee_matmul() -> Iterator[None]:
 
 
 def _distance(v: torch.Tensor, point: torch.Tensor, use_cdist: bool) -> torch.Tensor:
-    """``(S, N)`` L2 distances of ``v (S, N, D)`` to ``point (S, D)`` as direct differences (not
+    """``(S, N)`` L2 distances of ``v (S, N, D)`` to ``point (S, 1, D)`` as direct differences (not
     ||v||^2 + ||p||^2 - 2 v·p): exact zeros for duplicates, no cancellation. FPS ranks by these
     distances; the square root is monotone, so the argmax is that of the squared distances
     SPEC.md names."""
     if not use_cdist:
-        return torch.linalg.vector_norm(v - point[:, None, :], dim=-1)
-    return torch.cdist(v, point[:, None, :], compute_mode="donot_use_mm_for_euclid_dist")[..., 0]
+        return torch.linalg.vector_norm(v - point, dim=-1)
+    return torch.cdist(v, point, compute_mode="donot_use_mm_for_euclid_dist")[..., 0]
 
 
 def _fps_picks(v: torch.Tensor, valid: torch.Tensor, num_steps: int) -> torch.Tensor:
@@ -122,25 +125,23 @@ def _fps_picks(v: torch.Tensor, valid: torch.Tensor, num_steps: int) -> torch.Te
     use_cdist = N * D >= _CDIST_MIN_ELEMENTS  # per segment: the same alone and in a batch
     validf = valid.to(v.dtype)
     count = validf.sum(1).clamp_min(1.0)
-    mean = torch.bmm(validf[:, None, :], v)[:, 0] / count[:, None]
-    neg_inf = torch.full((), float("-inf"), dtype=v.dtype, device=v.device)
-
-    def next_pick(score: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        score = torch.where(valid & ~chosen, _nan_as(score, float("inf")), neg_inf)
-        return score.argmax(1)  # first maximal index: the lowest-index tie-break
-
-    basis = torch.zeros(S, num_steps, dtype=torch.long, device=v.device)
-    chosen = torch.zeros(S, N, dtype=torch.bool, device=v.device)
+    mean = torch.bmm(validf[:, None, :], v) / count[:, None, None]  # (S, 1, D)
+    # Tokens still to pick from: valid and not chosen. Per step: a pick is the argmax of the
+    # distances (NaN ranking as +inf) over these, the first maximal index (lowest-index
+    # tie-break); -inf elsewhere, so no pick lands on padding or repeats while tokens remain.
+    free = valid.clone()
+    picks = []
     dist = _distance(v, mean, use_cdist)  # step 1 scores: distance to the mean
-    rows = torch.arange(S, device=v.device)
     for t in range(num_steps):
-        pick = next_pick(dist, chosen)
-        basis[:, t] = pick
-        chosen[rows, pick] = True
+        pick = torch.where(free, _nan_as(dist, float("inf")), float("-inf")).argmax(1, True)
+        picks.append(pick)  # (S, 1)
         if t + 1 < num_steps:  # the last pick needs no distance update
-            d_new = _distance(v, v[rows, pick], use_cdist)
+            free.scatter_(1, pick, False)
+            d_new = _distance(v, torch.gather(v, 1, pick[:, :, None].expand(S, 1, D)), use_cdist)
             dist = d_new if t == 0 else torch.minimum(dist, d_new)
-    return basis
+    if not picks:
+        return torch.zeros(S, 0, dtype=torch.long, device=v.device)
+    return torch.cat(picks, 1)
 
 
 def fps(
@@ -216,10 +217,12 @@ def _factor(system: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         return clamped_cholesky(system, tau)
     chol, info = torch.linalg.cholesky_ex(system)
     pivots = torch.diagonal(chol, dim1=1, dim2=2).square()
-    needs_rule = (info != 0) | ~(pivots >= tau[:, None]).all(-1)  # NaN pivots fail >= too
-    if bool(needs_rule.any()):
-        chol = torch.where(needs_rule[:, None, None], clamped_cholesky(system, tau), chol)
-    return chol
+    ok = pivots >= tau[:, None]  # NaN pivots fail >= too
+    # The common case in four small ops (the per-segment mask below costs four more).
+    if not bool(info.any()) and bool(ok.all()):
+        return chol
+    needs_rule = (info != 0) | ~ok.all(-1)
+    return torch.where(needs_rule[:, None, None], clamped_cholesky(system, tau), chol)
 
 
 def residual(
@@ -228,6 +231,7 @@ def residual(
     basis: torch.Tensor,
     num_basis: torch.Tensor,
     ridge: float,
+    uniform: bool = False,
 ) -> torch.Tensor:
     """Squared approximation error of every token from its segment's basis.
 
@@ -240,23 +244,30 @@ def residual(
         sqnorm: ``(S, N)``; dots: ``(S, N, m_max)``; basis: ``(S, m_max)`` int64.
         num_basis: ``(S,)`` int64 m_s per segment (1 <= m_s <= m_max).
         ridge: relative ridge (>= 0).
+        uniform: the caller knows every m_s equals m_max: the masks of padded basis slots are
+            all True and are skipped (the same values, fewer ops).
 
     Returns:
         ``(S, N)`` e_i^2 in the accumulation dtype.
     """
     S, N, m = dots.shape
-    slot_valid = torch.arange(m, device=dots.device)[None, :] < num_basis[:, None]  # (S, m)
-    pair_valid = slot_valid[:, :, None] & slot_valid[:, None, :]
     gram = torch.gather(dots, 1, basis[:, :, None].expand(S, m, m))  # (S, m, m), row t = b_t
     gram = 0.5 * (gram + gram.transpose(1, 2))
-    gram = torch.where(pair_valid, gram, torch.zeros_like(gram))
+    if not uniform:
+        slot_valid = torch.arange(m, device=dots.device)[None, :] < num_basis[:, None]  # (S, m)
+        pair_valid = slot_valid[:, :, None] & slot_valid[:, None, :]
+        gram = torch.where(pair_valid, gram, torch.zeros_like(gram))
     mean_diag = torch.diagonal(gram, dim1=1, dim2=2).sum(-1) / num_basis.to(gram.dtype)
     lam = ridge * mean_diag + FLT_MIN
     tau = torch.maximum(lam, PIVOT_FLOOR * mean_diag)
     eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
-    diag_add = torch.where(slot_valid, lam[:, None], torch.ones_like(lam)[:, None])
-    system = gram + eye * diag_add[:, :, None]
-    c = torch.where(slot_valid[:, None, :], dots, torch.zeros_like(dots))  # (S, N, m)
+    if uniform:
+        system = gram + eye * lam[:, None, None]
+        c = dots
+    else:
+        diag_add = torch.where(slot_valid, lam[:, None], torch.ones_like(lam)[:, None])
+        system = gram + eye * diag_add[:, :, None]
+        c = torch.where(slot_valid[:, None, :], dots, torch.zeros_like(dots))  # (S, N, m)
     chol = _factor(system, tau)
     alpha = torch.cholesky_solve(c.transpose(1, 2), chol).transpose(1, 2)  # (S, N, m)
     err2 = sqnorm - (c * alpha).sum(-1) - lam[:, None] * (alpha * alpha).sum(-1)
@@ -270,6 +281,7 @@ def select(
     valid: torch.Tensor,
     keeps: torch.Tensor,
     max_keep: int,
+    uniform: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """kept = basis ∪ the (K - m) largest-error non-basis tokens, ascending.
 
@@ -278,6 +290,8 @@ def select(
         basis: ``(S, m_max)`` int64; num_basis: ``(S,)`` m_s.
         valid: ``(S, N)`` bool; keeps: ``(S,)`` int64 K_s.
         max_keep: K_max (host int), the width of the output.
+        uniform: the caller knows every K_s equals K_max and every m_s equals m_max (the
+            same values, fewer ops).
 
     Returns:
         kept: ``(S, K_max)`` int64 ascending; slots >= K_s are unspecified (padding).
@@ -285,18 +299,25 @@ def select(
     """
     S, N = valid.shape
     m = basis.shape[1]
-    slot_valid = torch.arange(m, device=basis.device)[None, :] < num_basis[:, None]
-    # Slots past m_s may repeat indices (short segments run out of tokens), so reduce with
-    # "amax" rather than a plain scatter whose winner among duplicates is unspecified.
-    is_basis = torch.zeros(S, N, dtype=torch.uint8, device=valid.device)
-    is_basis = is_basis.scatter_reduce_(1, basis, slot_valid.to(torch.uint8), "amax").bool()
+    if uniform:  # every slot is a basis token: one scatter of True
+        is_basis = torch.zeros(S, N, dtype=torch.bool, device=valid.device)
+        is_basis.scatter_(1, basis, True)
+    else:
+        slot_valid = torch.arange(m, device=basis.device)[None, :] < num_basis[:, None]
+        # Slots past m_s may repeat indices (short segments run out of tokens), so reduce with
+        # "amax" rather than a plain scatter whose winner among duplicates is unspecified.
+        is_basis = torch.zeros(S, N, dtype=torch.uint8, device=valid.device)
+        is_basis = is_basis.scatter_reduce_(1, basis, slot_valid.to(torch.uint8), "amax").bool()
     keep_mask = is_basis.clone()
     if err2 is not None:
-        extra = (keeps - num_basis).clamp_min(0)  # (S,)
         score = torch.where(valid & ~is_basis, _nan_as(err2, float("inf")), float("-inf"))
         order = torch.sort(score, dim=1, descending=True, stable=True).indices
-        ranked = torch.arange(N, device=valid.device)[None, :] < extra[:, None]
-        keep_mask |= torch.zeros_like(keep_mask).scatter_(1, order, ranked)
+        if uniform:  # the first K - m of every row
+            keep_mask.scatter_(1, order[:, : max(0, max_keep - m)], True)
+        else:
+            extra = (keeps - num_basis).clamp_min(0)  # (S,)
+            ranked = torch.arange(N, device=valid.device)[None, :] < extra[:, None]
+            keep_mask |= torch.zeros_like(keep_mask).scatter_(1, order, ranked)
     # Stable sort of "not kept" lists the kept indices first, in ascending order.
     kept = torch.sort((~keep_mask).to(torch.uint8), dim=1, stable=True).indices[:, :max_keep]
     return kept, keep_mask
@@ -309,6 +330,7 @@ def merge(
     keep_mask: torch.Tensor,
     keeps: torch.Tensor,
     do_merge: bool,
+    dense: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Assign each dropped token to its most cosine-similar kept token and take uniform means.
 
@@ -323,6 +345,8 @@ def merge(
         v: ``(S, N, D)`` accumulation dtype; valid, keep_mask: ``(S, N)`` bool.
         kept: ``(S, K_max)`` int64; keeps: ``(S,)`` int64 K_s.
         do_merge: False keeps the kept tokens unchanged and sets dropped assign to -1.
+        dense: the caller knows every token is valid and every K_s equals K_max: the masks are
+            skipped and the sums need no spare padding row (the same values, fewer ops).
 
     Returns:
         out: ``(S, K_max, D)`` accumulation dtype; assign: ``(S, N)`` int64 local slots.
@@ -333,20 +357,30 @@ def merge(
     own_slot = torch.cumsum(keep_mask, dim=1) - 1  # slot of each kept token
     if not do_merge:
         return w, torch.where(keep_mask, own_slot, torch.full_like(own_slot, -1))
-    slot_valid = torch.arange(K, device=v.device)[None, :] < keeps[:, None]  # (S, K)
     vnorm = v.norm(dim=-1)
     wnorm = torch.gather(vnorm, 1, kept)
     sim = torch.bmm(v, w.transpose(1, 2))
-    sim = sim / (vnorm[:, :, None] * wnorm[:, None, :]).clamp_min(COS_EPS)
-    sim = torch.where(slot_valid[:, None, :], _nan_as(sim, float("-inf")), float("-inf"))
+    sim.div_((vnorm[:, :, None] * wnorm[:, None, :]).clamp_min_(COS_EPS))
+    if dense:
+        sim = _nan_as(sim, float("-inf"), out=sim)
+    else:
+        slot_valid = torch.arange(K, device=v.device)[None, :] < keeps[:, None]  # (S, K)
+        sim = torch.where(slot_valid[:, None, :], _nan_as(sim, float("-inf")), float("-inf"))
     nearest = sim.argmax(-1)  # first maximal slot: the lowest-slot tie-break
     assign = torch.where(keep_mask, own_slot, nearest)
     # Every token, kept ones included, adds itself to its slot: sum = v_kept + Σ dropped and
     # count = 1 + n_j. Padding goes to a spare row per segment that is dropped afterwards.
-    target = torch.where(valid, assign, torch.full_like(assign, K))
-    flat = (target + torch.arange(S, device=v.device)[:, None] * (K + 1)).reshape(-1)
+    if dense:
+        rows_per = K  # no padding: segment s's slots are rows s·K .. s·K + K - 1
+        target = assign
+    else:
+        rows_per = K + 1
+        target = torch.where(valid, assign, torch.full_like(assign, K))
+    if S > 1:
+        target = target + rows_per * torch.arange(S, device=v.device)[:, None]
+    flat = target.reshape(-1)
     rows = v.reshape(S * N, D)
-    sums = v.new_zeros(S * (K + 1), D)
+    sums = v.new_zeros(S * rows_per, D)
     if v.device.type == "cpu":
         # The expanded index takes ATen's scatter_add expanded-index CPU path (sort by row, then
         # each row summed in source order; torch 2.13); the generic path loops dim 0 serially
@@ -356,9 +390,19 @@ def merge(
         sums.scatter_add_(0, flat[:, None].expand(S * N, D), rows)
     else:
         sums.index_put_((flat,), rows, accumulate=True)
+    if dense and v.device.type == "cpu":
+        # Counts are small integers (exact). A slot with count 1 holds only its kept row, which
+        # the sum started from +0.0 turned -0.0 into +0.0 in: copy those rows back from w (the
+        # rows to copy are read on the host, free on CPU; a where over all of out cost 4x).
+        counts = torch.bincount(flat, minlength=S * K).to(v.dtype)
+        out = sums.div_(counts.clamp_min_(1.0)[:, None])
+        single = (counts == 1).nonzero().squeeze(1)
+        out.index_copy_(0, single, w.reshape(S * K, D).index_select(0, single))
+        return out.view(S, K, D), assign
     # Counts are small integers: exact in any order.
-    counts = v.new_zeros(S * (K + 1)).index_put_((flat,), v.new_ones(S * N), accumulate=True)
-    sums, counts = sums.view(S, K + 1, D)[:, :K], counts.view(S, K + 1, 1)[:, :K]
+    counts = v.new_zeros(S * rows_per).index_put_((flat,), v.new_ones(S * N), accumulate=True)
+    sums = sums.view(S, rows_per, D)[:, :K]
+    counts = counts.view(S, rows_per, 1)[:, :K]
     out = torch.where(counts == 1, w, sums / counts.clamp_min(1.0))
     return out, assign
 
@@ -404,17 +448,24 @@ def compress_padded(
     k_max = max(keeps, default=0)
     m_host = [min(num_basis, k) for k in keeps]
     m_max = max(m_host, default=0)
-    lengths_t, keeps_t, m_t = _segment_ints(lengths, keeps, m_host, dev)
-    m_t = m_t.clamp_min(1)
-    valid = torch.arange(n_max, device=dev)[None, :] < lengths_t[:, None]
+    # Every segment of one length and one keep (every dense and varlen group): masks all True.
+    dense = m_max > 0 and all(n == n_max for n in lengths) and all(k == k_max for k in keeps)
+    if dense:
+        keeps_t = torch.full((S,), k_max, dtype=torch.long, device=dev)
+        m_t = torch.full((S,), m_max, dtype=torch.long, device=dev)
+        valid = torch.ones(S, n_max, dtype=torch.bool, device=dev)
+    else:
+        lengths_t, keeps_t, m_t = _segment_ints(lengths, keeps, m_host, dev)
+        m_t = m_t.clamp_min(1)
+        valid = torch.arange(n_max, device=dev)[None, :] < lengths_t[:, None]
     if m_max == 0:  # every segment empty
         empty = torch.zeros(S, 0, dtype=torch.long, device=dev)
         return x.new_zeros(S, 0, x.shape[2]), empty, torch.full((S, n_max), -1, device=dev)
     basis, sqnorm, dots = fps(v, valid, m_max)
     needs_residual = k_max > num_basis  # some segment keeps more than its basis
-    err2 = residual(sqnorm, dots, basis, m_t, ridge) if needs_residual else None
-    kept, keep_mask = select(err2, basis, m_t, valid, keeps_t, k_max)
-    out, assign = merge(v, valid, kept, keep_mask, keeps_t, do_merge)
+    err2 = residual(sqnorm, dots, basis, m_t, ridge, dense) if needs_residual else None
+    kept, keep_mask = select(err2, basis, m_t, valid, keeps_t, k_max, dense)
+    out, assign = merge(v, valid, kept, keep_mask, keeps_t, do_merge, dense)
     return out.to(x.dtype).contiguous(), kept.contiguous(), assign
 
 
