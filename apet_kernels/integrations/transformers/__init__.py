@@ -1,12 +1,14 @@
-"""ApET for Hugging Face VLMs: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Video-LLaVA, Qwen2-VL
-and Qwen2.5-VL.
+"""ApET for Hugging Face VLMs: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Video-LLaVA, Qwen2-VL,
+Qwen2.5-VL and Qwen3-VL.
 
 ``apply_apet(model)`` patches a model instance (or class) in place so that its forward and
 ``generate`` compress visual tokens in two stages (arXiv 2602.19870):
 
 * stage 1, per image unit, where the paper puts it: on the vision features before the projector
   (LLaVA family; LLaVA-NeXT per crop, Video-LLaVA per frame) or on the merger output
-  (Qwen2.5-VL). Placeholder tokens in input_ids, attention_mask and labels shrink to match.
+  (Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Placeholder tokens in input_ids, attention_mask and labels
+  shrink to match. Per-token planes a model adds inside the decoder (Qwen3-VL's DeepStack) are
+  compressed with the same kept tokens and merge groups and follow them.
 * stage 2 (optional), on the visual hidden states before decoder layer ``layer``. Positions,
   rotary embeddings, masks and the per-layer KV cache stay consistent through prefill and decode.
 
@@ -32,10 +34,11 @@ with the call. Gradient checkpointing works (tested on every tested release).
 
 Data path, one file per step: ``_interface`` (what a model shim provides) -> the model files
 (vision stage) -> ``_stage1`` (compress units, drop placeholder columns, re-pad, embed; the
-compress -> relayout -> scatter step both stages share is ``_squeeze``) -> ``_stage2`` (decoder
-layer hooks) -> ``_decode`` (decode steps on the compressed cache); ``_forward`` routes a call,
-``_generate`` repeats visual items for beams, ``_state`` holds per-model/per-call/per-cache
-state, ``_patch`` is the public API.
+compress -> relayout -> scatter step both stages share is ``_squeeze``; planes go through
+``apet_kernels.apply_selection``) -> ``_stage2`` (decoder layer hooks, and the decoder stack's
+pre-hook that passes the planes) -> ``_decode`` (decode steps on the compressed cache);
+``_forward`` routes a call, ``_generate`` repeats visual items for beams, ``_state`` holds
+per-model/per-call/per-cache state, ``_patch`` is the public API.
 
 Example:
     >>> from apet_kernels.integrations import apply_apet, last_selection

@@ -41,7 +41,7 @@ class ApetConfig:
         positions: ``"original"``: kept tokens keep their position ids (Qwen2.5-VL: M-RoPE
             (t, h, w)) and text positions do not move; ``"compact"``: positions are renumbered
             contiguously after each stage. ``None`` takes the model's default (compact for the
-            LLaVA family, as the paper's code does; original for Qwen2.5-VL).
+            LLaVA family, as the paper's code does; original for Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
         backend: the op's backend ("auto", "torch", "triton", "cuda").
     """
 

@@ -1,5 +1,6 @@
-"""The shim interface: what each model file (llava.py, llava_next.py, video_llava.py,
-qwen2_5_vl.py) tells the shared stages about its vision stage, placeholders and positions."""
+"""The shim interface: what each model file (llava.py, llava_next.py, llava_onevision.py,
+video_llava.py, qwen2_5_vl.py, qwen2_vl.py, qwen3_vl.py) tells the shared stages about its vision
+stage, placeholders, positions and extra per-token planes (Qwen3-VL's DeepStack)."""
 
 from __future__ import annotations
 
@@ -72,9 +73,9 @@ class ItemGroup:
 
 
 class Shim:
-    """Model-specific parts; subclasses live in llava.py, llava_next.py, video_llava.py and
-    qwen2_5_vl.py. Positions are handled as ``(P, B, L)`` int64 internally: P = 1 for the LLaVA
-    family, 3 (t, h, w) for Qwen2.5-VL's M-RoPE."""
+    """Model-specific parts; subclasses live in the model files. Positions are handled as
+    ``(P, B, L)`` int64 internally: P = 1 for the LLaVA family, 3 (t, h, w) for the Qwen
+    models' M-RoPE."""
 
     model_types: tuple[str, ...] = ()
     default_positions = "compact"
