@@ -46,6 +46,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from ...api import compress_varlen
 from ...ops.upload import upload
+from ...selection import apply_selection
 from ..transformers import ApetConfig
 from . import _mrope
 from ._config import stage1_config
@@ -190,7 +191,7 @@ class ApetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
 
 
 def embed_and_compress(
-    model, cfg: ApetConfig, parsed: Mapping[str, Any], video_t_steps
+    model, cfg: ApetConfig, parsed: Mapping[str, Any], video_t_steps, main_dim: int | None = None
 ) -> Sequence[torch.Tensor]:
     """Encode the parsed media items of a Qwen-VL model and compress them in one call.
 
@@ -201,6 +202,7 @@ def embed_and_compress(
             (keys "image"/"video" in Qwen2.5-VL, "images"/"videos" in Qwen2-VL).
         video_t_steps: ``(inputs, n) -> n floats``, the t step between temporal slices of each
             of the ``n`` videos.
+        main_dim: see :func:`_compress` (Qwen3-VL's DeepStack planes); None: every column.
 
     Returns:
         Per item ``(t * keep, D + CHANNELS)`` (:func:`_compress`), or ``[]`` without media.
@@ -222,7 +224,7 @@ def embed_and_compress(
         budgets += [unit_budget(cfg, g, merge) for g in grids]
     if not embeds:
         return []
-    return _compress(cfg, embeds, budgets, factors)
+    return _compress(cfg, embeds, budgets, factors, main_dim)
 
 
 def _compress(
@@ -230,6 +232,7 @@ def _compress(
     embeds: list[torch.Tensor],
     budgets: list[tuple[int, int, int, int]],
     factors: list[float],
+    main_dim: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """One ``compress_varlen`` over every unit of the batch's items.
 
@@ -237,6 +240,9 @@ def _compress(
         embeds: per item ``(t * h * w, D)`` merger output, on the encoder's device.
         budgets: per item ``(t, h, w, keep)`` (:func:`unit_budget`).
         factors: per item t step between temporal slices.
+        main_dim: compress on the first ``main_dim`` columns only; the other columns (Qwen3-VL's
+            DeepStack planes) keep the same tokens and merge the same groups
+            (:func:`apet_kernels.apply_selection`). None: the op compresses all D columns.
 
     Returns:
         Per item ``(t * keep, D + CHANNELS)``: the kept (merged) tokens of each slice in
@@ -245,11 +251,20 @@ def _compress(
     x = torch.cat(embeds) if len(embeds) > 1 else embeds[0]
     seqlens = [h * w for t, h, w, _ in budgets for _ in range(t)]
     keeps = [k for t, _, _, k in budgets for _ in range(t)]
-    c = compress_varlen(x, seqlens, keeps, **cfg.op_kwargs())
+    main = x if main_dim is None else x[:, :main_dim]
+    c = compress_varlen(main, seqlens, keeps, **cfg.op_kwargs())
+    tokens = c.tokens
+    if main_dim is not None:
+        rest = (
+            apply_selection(x[:, main_dim:], c.kept, c.assign)
+            if cfg.merge
+            else x[c.kept, main_dim:]
+        )
+        tokens = torch.cat([tokens, rest], dim=1)
     host = torch.cat(
         [_mrope.item_offsets(t, h, w, f) for (t, h, w, _), f in zip(budgets, factors, strict=True)]
     )
     (offsets,) = upload([host], x.device)  # one asynchronous copy of host-built ints
     channels = _mrope.encode_offsets(offsets[c.kept], c.tokens.dtype)
-    out = torch.cat([c.tokens, channels], dim=1)
+    out = torch.cat([tokens, channels], dim=1)
     return out.split([t * k for t, _, _, k in budgets])
