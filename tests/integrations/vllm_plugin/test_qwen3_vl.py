@@ -9,17 +9,20 @@ dropped placeholders are removed from the prompt, and the kept tokens and the te
 positions ``get_rope_index`` gives the uncompressed prompt (decoding continues from its maximum
 + 1). Its decoder stack then runs on those inputs (visual rows, ``visual_pos_masks`` and
 ``deepstack_visual_embeds`` set by hand, explicit ``position_ids``), a full forward per greedy
-step; kept whole, this oracle equals the unpatched model's ``generate``. vLLM's greedy tokens
-must equal it and its logprobs be within 1e-5, for square, wide and tall images, two images, two
-videos, image + video, a long-text and a text-only prompt in one ``generate`` call, on a prefix-cache hit and with chunked prefill
-(32-token steps). vLLM's prompt is the oracle's compressed prompt token for token, with
-keep_count(h * w, KEEP) placeholders per unit. Negative controls: planes taken from the kept
-tokens alone (not their groups' means), and contiguous positions, each fail the comparison on
-every media prompt. Where the HF shim supports Qwen3-VL (``apply_apet``), vLLM equals it too.
-Without an ``apet`` key the plugin's subclass equals stock vLLM bitwise.
+step; kept whole, this oracle equals the unpatched model's ``generate``.
+
+vLLM's greedy tokens must equal the oracle's and its logprobs be within 1e-5, for square, wide
+and tall images, two images, two videos, image + video, a long-text and a text-only prompt in
+one ``generate`` call, on a prefix-cache hit and with chunked prefill (32-token steps). vLLM's
+prompt is the oracle's compressed prompt token for token (timestamps and frame markers
+included), with keep_count(h * w, KEEP) placeholders per unit. Negative controls: DeepStack
+planes taken at the kept tokens alone (not their groups' means), and contiguous positions, each
+fail the comparison on every media prompt. Where the HF shim supports Qwen3-VL
+(``apply_apet(model, vision_keep=KEEP, layer=None)``), vLLM equals it too. Without an ``apet``
+key the plugin's subclass equals stock vLLM bitwise.
 
 Engines: four (ApET with prefix caching, ApET chunked, one without the key, one stock), about
-4 minutes on 2 shared cores.
+5 minutes on 2 shared cores.
 """
 
 from __future__ import annotations
