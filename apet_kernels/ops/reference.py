@@ -109,14 +109,22 @@ def ieee_matmul() -> Iterator[None]:
         cuda_mm.fp32_precision, mkldnn_mm.fp32_precision = saved
 
 
-def _distance(v: torch.Tensor, point: torch.Tensor, use_cdist: bool) -> torch.Tensor:
+def _distance(
+    v: torch.Tensor, point: torch.Tensor, use_cdist: bool, buf: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(S, N)`` L2 distances of ``v (S, N, D)`` to ``point (S, 1, D)`` as direct differences (not
     ||v||^2 + ||p||^2 - 2 v·p): exact zeros for duplicates, no cancellation. FPS ranks by these
     distances; the square root is monotone, so the argmax is that of the squared distances
-    SPEC.md names."""
-    if not use_cdist:
-        return torch.linalg.vector_norm(v - point, dim=-1)
-    return torch.cdist(v, point, compute_mode="donot_use_mm_for_euclid_dist")[..., 0]
+    SPEC.md names. Returns the distances and the difference tensor, which the next call takes
+    as ``buf`` and overwrites: one allocation per FPS loop, not one per step (a fresh 15 MiB
+    block per step could come from mmap each time: 1x1024x3584 ran at 2-3x its time in page
+    faults, depending on the heap's layout). ``buf`` is the first step's own ``v - point``, so
+    every step's difference has the layout (and the norm its reduction order) of a fresh one."""
+    if use_cdist:
+        dist = torch.cdist(v, point, compute_mode="donot_use_mm_for_euclid_dist")[..., 0]
+        return dist, None
+    diff = v - point if buf is None else torch.sub(v, point, out=buf)
+    return torch.linalg.vector_norm(diff, dim=-1), diff
 
 
 def _fps_picks(v: torch.Tensor, valid: torch.Tensor, num_steps: int) -> torch.Tensor:
@@ -131,13 +139,14 @@ def _fps_picks(v: torch.Tensor, valid: torch.Tensor, num_steps: int) -> torch.Te
     # tie-break); -inf elsewhere, so no pick lands on padding or repeats while tokens remain.
     free = valid.clone()
     picks = []
-    dist = _distance(v, mean, use_cdist)  # step 1 scores: distance to the mean
+    dist, buf = _distance(v, mean, use_cdist)  # step 1 scores: distance to the mean
     for t in range(num_steps):
         pick = torch.where(free, _nan_as(dist, float("inf")), float("-inf")).argmax(1, True)
         picks.append(pick)  # (S, 1)
         if t + 1 < num_steps:  # the last pick needs no distance update
             free.scatter_(1, pick, False)
-            d_new = _distance(v, torch.gather(v, 1, pick[:, :, None].expand(S, 1, D)), use_cdist)
+            point = torch.gather(v, 1, pick[:, :, None].expand(S, 1, D))
+            d_new, buf = _distance(v, point, use_cdist, buf)
             dist = d_new if t == 0 else torch.minimum(dist, d_new)
     if not picks:
         return torch.zeros(S, 0, dtype=torch.long, device=v.device)
