@@ -12,6 +12,7 @@ import pytest
 import spec_transcription as spec
 import torch
 from backend_checks import gaussian, rank_deficient
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import apet_kernels
 from apet_kernels.ops import reference
@@ -347,3 +348,96 @@ def test_wrappers_compile_with_dynamic_shapes_and_symbolic_floats(compiler):
         assert_bitwise(compiled(x, keep, ridge), both(x, keep, ridge))
     with pytest.raises(Exception, match="ridge must be a finite float"):
         compiled(x, keep, -1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# 10. dense-batch fast paths and the per-call op count (issue 10: CPU speed, same bits)
+# --------------------------------------------------------------------------------------------
+
+
+def _stages(x: torch.Tensor, keep: int, ridge: float, fast: bool, lengths=None):
+    """The four stages on ``x (S, N, D)``, with the dense fast paths (masks known all True)
+    on or off. ``lengths`` pads the segments (the masks then matter)."""
+    S, N, _ = x.shape
+    lengths = lengths or [N] * S
+    v = x.to(reference.accumulation_dtype(x.dtype))
+    valid = torch.arange(N)[None, :] < torch.tensor(lengths)[:, None]
+    m = min(10, keep)
+    m_t, k_t = torch.full((S,), m), torch.full((S,), keep)
+    basis, sqnorm, dots = reference.fps(v, valid, m)
+    err2 = reference.residual(sqnorm, dots, basis, m_t, ridge, fast) if keep > m else None
+    kept, mask = reference.select(err2, basis, m_t, valid, k_t, keep, fast)
+    out, assign = reference.merge(v, valid, kept, mask, k_t, True, fast)
+    return (torch.zeros(0) if err2 is None else err2), kept, out, assign
+
+
+def _signed_zeros(S: int, N: int, D: int, seed: int) -> torch.Tensor:
+    x = gaussian(S, N, D, seed=seed, dtype=torch.float32)
+    x[x.abs() < 0.5] = -0.0
+    return x
+
+
+@pytest.mark.parametrize(
+    "make, keep, ridge",
+    [
+        (lambda: gaussian(3, 64, 16, seed=20, dtype=torch.float32), 20, 1e-4),
+        (lambda: gaussian(2, 64, 16, seed=21, dtype=torch.float64), 5, 1e-4),  # K <= M
+        (lambda: _signed_zeros(2, 40, 8, seed=22), 30, 1e-4),  # count-1 slots with -0.0
+        (lambda: _signed_zeros(2, 40, 8, seed=23), 40, 1e-4),  # K = N
+        (lambda: rank_deficient(seed=1).float()[None], 15, 0.0),  # the pivot rule's loop
+        (lambda: rolled(2, 64, 64, seed=24), 16, 1e-4),  # near ties
+    ],
+)
+def test_dense_fast_paths_give_the_masked_paths_bits(make, keep, ridge):
+    # residual/select/merge skip their all-True masks when the caller knows the batch is
+    # dense (the merge also copies count-1 rows back instead of a where over out): the same
+    # bits as the masked code on every stage output.
+    x = make()
+    assert_bitwise(_stages(x, keep, ridge, True), _stages(x, keep, ridge, False))
+
+
+def test_dense_fast_paths_differ_where_the_masks_matter():
+    # Negative control: with padding (segment 0 has 30 valid tokens of 40) the flag does
+    # switch the masks off, so the comparison above compares two different code paths.
+    x = gaussian(2, 40, 8, seed=25, dtype=torch.float32)
+    fast = _stages(x, 20, 1e-4, True, lengths=[30, 40])
+    masked = _stages(x, 20, 1e-4, False, lengths=[30, 40])
+    assert not torch.equal(bits(fast[2]), bits(masked[2]))
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts the aten ops dispatched inside (views included): a size-independent measure of
+    a call's fixed cost, not a timing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_call(x: torch.Tensor, keep: int) -> int:
+    with _OpCount() as count:
+        reference.compress_dense(x, keep, 10, 1e-4, True)
+    return count.ops
+
+
+# One segment, 10 FPS steps, K > M: 215 ops with torch 2.13.0 (321 before issue 10's overhead
+# work, 303 at 7c23dd1, before the promise fixes). At 1x576x1024 and 1x96x4096 on one thread
+# each op's fixed cost is a few µs of a 4-7 ms call.
+MAX_OPS_PER_CALL = 225
+
+
+def test_op_count_per_single_segment_call(monkeypatch):
+    x = gaussian(1, 96, 64, seed=26, dtype=torch.float32)
+    assert _ops_per_call(x, 32) <= MAX_OPS_PER_CALL
+    # Negative control: the NaN replacement FPS used before (isnan + full_like + where in each
+    # of the 10 steps, and in select and merge) goes over the limit.
+    monkeypatch.setattr(
+        reference,
+        "_nan_as",
+        lambda t, value, out=None: torch.where(torch.isnan(t), torch.full_like(t, value), t),
+    )
+    assert _ops_per_call(x, 32) > MAX_OPS_PER_CALL
