@@ -373,3 +373,42 @@ def test_no_apet_key_equals_stock(checkpoint, monkeypatch):
     for name in PROMPTS:
         assert plugin[name][1] == stock[name][1], name  # uncompressed prompts
         assert plugin[name][0] == stock[name][0], name  # bitwise: the same code path
+
+
+# ------------------------------------------------------------------------------------------
+# the encoder batch's compression with DeepStack planes (no engine)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_planes_follow_the_main_tokens_selection(merge):
+    """``_compress(main_dim=D)`` (what embed_multimodal runs): the op sees the main columns only
+    (its kept tokens equal compressing them alone), and every plane gets the same kept tokens
+    and groups: a per-slot mean over the same assignment (merge), the kept rows (merge=False).
+    A plane compressed on its own selects differently (the check is not vacuous)."""
+    from apet_kernels.integrations.transformers import ApetConfig
+    from apet_kernels.integrations.vllm import _mrope
+    from apet_kernels.integrations.vllm import qwen2_5_vl as q
+
+    d, levels = 16, 2
+    cfg = ApetConfig(0.5, merge=merge)
+    budgets = [(1, 3, 4, 6), (2, 2, 3, 3)]  # an image, then a video of two frames
+    g = torch.Generator().manual_seed(0)
+    embeds = [torch.randn(t * h * w, d * (1 + levels), generator=g) for t, h, w, _ in budgets]
+    out = q._compress(cfg, embeds, budgets, [0.0, 0.0], main_dim=d)
+    assert [o.shape for o in out] == [(6, 3 * d + _mrope.CHANNELS), (6, 3 * d + _mrope.CHANNELS)]
+    differs = False
+    for (t, h, w, k), x, o in zip(budgets, embeds, out, strict=True):
+        n = h * w
+        for s in range(t):
+            unit, rows = x[s * n : (s + 1) * n], o[s * k : (s + 1) * k]
+            ref = compress(unit[None, :, :d], k, merge=merge)
+            kept, assign = ref.kept[0], ref.assign[0]
+            assert torch.equal(rows[:, :d], ref.tokens[0])
+            for lv in range(1, 1 + levels):
+                plane = unit[:, lv * d : (lv + 1) * d]
+                want = _group_mean(plane, assign, k) if merge else plane[kept]
+                torch.testing.assert_close(rows[:, lv * d : (lv + 1) * d], want, rtol=0, atol=1e-6)
+                differs |= not torch.equal(compress(plane[None], k).kept[0], kept)
+            offsets = _mrope.decode_offsets(rows[:, -_mrope.CHANNELS :]).T
+            assert torch.equal(offsets, _mrope.item_offsets(1, h, w, 0.0)[kept])
+    assert differs
