@@ -241,8 +241,12 @@ class ApetLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGen
         hf_config = self.config
         # (crops, side**2, D) projected crops per image (base first; crops padded per prompt)
         crops = self._process_image_pixels(image_input)
-        # (height, width) per image, host ints (the processor keeps image_sizes on CPU)
-        sizes = image_input["image_sizes"]
+        # (images, 2) (height, width), host ints (the processor keeps image_sizes on CPU); absent,
+        # every image is one crop's size, as in the stock method
+        sizes = image_input.get("image_sizes")
+        if sizes is None:
+            side_px = hf_config.vision_config.image_size
+            sizes = torch.tensor([[side_px, side_px]] * len(crops))
         packed = [
             self._merge_image_patch_embeddings(
                 sizes[i], p, image_newline=self.image_newline, strategy="spatial_unpad"

@@ -32,7 +32,11 @@ from onevision_checkpoint import SIDE, llava_onevision  # noqa: E402
 
 from apet_kernels.integrations import apply_apet, last_selection, remove_apet  # noqa: E402
 from apet_kernels.integrations.vllm._config import parse_apet  # noqa: E402
-from apet_kernels.integrations.vllm.llava_onevision import grid_shape, image_tokens  # noqa: E402
+from apet_kernels.integrations.vllm.llava_onevision import (  # noqa: E402
+    _check_supported,
+    grid_shape,
+    image_tokens,
+)
 
 MAX_TOKENS = 6
 KEEP = 0.5
@@ -156,6 +160,16 @@ def test_grid_shape_equals_hf_packing(path):
             grid = packed[0][SIDE * SIDE :, 0]
             rows = int(grid.sum())
             assert grid_shape(cfg, h, w) == (rows, grid.numel() // rows - 1), (h, w)
+
+
+def test_unsupported_feature_strategy_raises(path):
+    """SigLIP with the "default" strategy (first token dropped: not side**2 tokens per crop)
+    raises, naming the supported combinations; the checkpoint's own config passes."""
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    _check_supported(cfg)
+    cfg.vision_feature_select_strategy = "default"
+    with pytest.raises(ValueError, match="SigLIP tower and vision_feature_select_strategy='full'"):
+        _check_supported(cfg)
 
 
 def test_equals_hf_shim(apet_llm, path, hf):
