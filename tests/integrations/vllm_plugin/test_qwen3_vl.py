@@ -17,8 +17,8 @@ one ``generate`` call, on a prefix-cache hit and with chunked prefill (32-token 
 prompt is the oracle's compressed prompt token for token (timestamps and frame markers
 included), with keep_count(h * w, KEEP) placeholders per unit. Negative controls: DeepStack
 planes taken at the kept tokens alone (not their groups' means), and contiguous positions, each
-fail the comparison on every media prompt. Where the HF shim supports Qwen3-VL
-(``apply_apet(model, vision_keep=KEEP, layer=None)``), vLLM equals it too. Without an ``apet``
+fail the comparison on every media prompt. vLLM also equals the HF shim
+(``apply_apet(model, vision_keep=KEEP, layer=None)``). Without an ``apet``
 key the plugin's subclass equals stock vLLM bitwise.
 
 Engines: four (ApET with prefix caching, ApET chunked, one without the key, one stock), about
@@ -313,16 +313,12 @@ def test_prefix_cache_hit_gives_identical_logprobs(runs, checkpoint):
 
 
 def test_matches_hf_shim(runs, checkpoint):
-    """vLLM == ``apply_apet(model, vision_keep=KEEP, layer=None)`` where the HF shim supports
-    Qwen3-VL."""
+    """vLLM == the HF shim at the same budget, stage 1 only:
+    ``apply_apet(model, vision_keep=KEEP, layer=None)``."""
     import transformers
 
-    from apet_kernels.integrations import apply_apet, presets
+    from apet_kernels.integrations import apply_apet
 
-    try:
-        presets("qwen3_vl")
-    except ValueError as e:
-        pytest.skip(f"HF shim has no Qwen3-VL: {e}")
     processor = transformers.AutoProcessor.from_pretrained(checkpoint)
     model = _hf_model(checkpoint)
     apply_apet(model, vision_keep=KEEP, layer=None)
@@ -412,3 +408,16 @@ def test_planes_follow_the_main_tokens_selection(merge):
             offsets = _mrope.decode_offsets(rows[:, -_mrope.CHANNELS :]).T
             assert torch.equal(offsets, _mrope.item_offsets(1, h, w, 0.0)[kept])
     assert differs
+
+
+def test_preset_runs_stage1_only():
+    """The HF shim's preset names work in ``hf_overrides``: stage 1's budget, stage 2 dropped
+    with a warning."""
+    from apet_kernels.integrations import presets
+    from apet_kernels.integrations.vllm._config import parse_apet
+
+    (name,) = presets("qwen3_vl")
+    with pytest.warns(UserWarning, match="stage 1 only"):
+        cfg = parse_apet({"preset": name}, "qwen3_vl")
+    assert cfg.vision_keep == presets("qwen3_vl")[name].vision_keep
+    assert cfg.layer is None and cfg.layer_keep is None
