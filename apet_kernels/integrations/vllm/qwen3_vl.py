@@ -20,7 +20,9 @@ the kept tokens' original M-RoPE positions. What differs in Qwen3-VL:
   group), so each kept token's planes are those of its own group, as the HF shim does;
 * vLLM's Qwen3-VL is a ``SupportsMultiModalPruning`` model (EVS / VidCom2, ``video_pruning_rate``),
   so, as in Qwen2.5-VL, the instance sets ``is_multimodal_pruning_enabled`` when ApET is on and
-  refuses to combine with vLLM's own pruning.
+  refuses to combine with vLLM's own pruning; and, as vLLM does for its pruning, the decoder's
+  M-RoPE cache gets 4x ``max_position_embeddings`` rows (kept tokens' original positions can
+  exceed the compressed prompt's length).
 
 Without an ``apet`` entry every method defers to the stock class.
 
@@ -31,15 +33,19 @@ _expands_only_video_token, get_video_repl}``, the processed item's ``timestamps`
 _process_video_input, _iter_mm_grid_hw, get_mrope_input_positions, recompute_mrope_positions,
 visual_dim, is_multimodal_pruning_enabled, video_pruning_rate}`` (``_process_*_input`` return
 the main features and DeepStack planes concatenated, ``visual_dim`` the main width), and
-``embed_input_ids``' split of each embedding into ``[visual_dim, multiscale_dim]``.
+``embed_input_ids``' split of each embedding into ``[visual_dim, multiscale_dim]``, and the
+module-level ``mrope_positions_factor(vllm_config)`` that ``Qwen3VLDecoderLayer.__init__`` reads
+(swapped while the model is built, see :func:`_rope_cache_as_pruned`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from vllm.model_executor.models import qwen3_vl as _qwen3_vl
 from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLDummyInputsBuilder,
     Qwen3VLForConditionalGeneration,
@@ -129,7 +135,9 @@ class ApetQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
     when the HF config has an ``apet`` entry."""
 
     def __init__(self, *, vllm_config, prefix: str = "model"):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        on = stage1_config(vllm_config.model_config.hf_config) is not None
+        with _rope_cache_as_pruned(on):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.apet_config = stage1_config(self.config)
         if self.apet_config is None:
             return
@@ -205,3 +213,27 @@ class ApetQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
         return _Qwen25.recompute_mrope_positions(
             self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
         )
+
+
+@contextlib.contextmanager
+def _rope_cache_as_pruned(on: bool):
+    """While the stock ``__init__`` builds the decoder, size its M-RoPE cos/sin cache as for
+    vLLM's own video pruning: ``4 * max_position_embeddings`` rows instead of 1x.
+
+    Stock Qwen3-VL's positions never exceed the token count, so vLLM builds the cache at 1x
+    unless its EVS is on (``mrope_positions_factor``: "video pruning keeps the positions of the
+    tokens it drops"). ApET keeps original positions too, so a compressed prompt's positions can
+    exceed its length (a frame of an h x w grid spends max(h, w) positions on ``keep`` tokens:
+    small budgets on long videos); at 1x those positions would index past the cache. The stock
+    layers read the module-level ``mrope_positions_factor`` when they are built, so it is
+    swapped for the duration of the build only.
+    """
+    if not on:
+        yield
+        return
+    stock = _qwen3_vl.mrope_positions_factor
+    _qwen3_vl.mrope_positions_factor = lambda vllm_config: 4  # vLLM's value when pruning
+    try:
+        yield
+    finally:
+        _qwen3_vl.mrope_positions_factor = stock

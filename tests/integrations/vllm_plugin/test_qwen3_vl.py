@@ -244,17 +244,23 @@ def _vllm_generate(llm) -> dict[str, tuple[Greedy, list[int], int]]:
     return res
 
 
+def _rope_rows(model) -> int:
+    """Rows of the decoder's M-RoPE cos/sin cache (the largest position it can embed + 1)."""
+    return model.language_model.model.layers[0].self_attn.rotary_emb.cos_sin_cache.shape[0]
+
+
 @pytest.fixture(scope="module")
 def runs(checkpoint):
-    """``(first, model class, second)``: two generate calls on one ApET engine with prefix
-    caching, the second finding the first's prompts cached."""
+    """``(first, model class, second, rope cache rows)``: two generate calls on one ApET engine
+    with prefix caching, the second finding the first's prompts cached."""
     apet = {"apet": {"vision_keep": KEEP}}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships a function
         with q25._engine(checkpoint, hf_overrides=apet, enable_prefix_caching=True) as llm:
             first = _vllm_generate(llm)
             second = _vllm_generate(llm)
-            return first, q25._model_class(llm), second
+            rows = llm.apply_model(_rope_rows)[0]
+            return first, q25._model_class(llm), second, rows
 
 
 @pytest.mark.parametrize("name", PROMPTS)
@@ -266,12 +272,16 @@ def test_matches_reference(runs, reference, name):
 
 
 def test_plugin_class_and_prompt_budget(runs, checkpoint):
-    """Every unit (image, video frame) holds keep_count(h * w, KEEP) placeholders."""
+    """Every unit (image, video frame) holds keep_count(h * w, KEEP) placeholders; the M-RoPE
+    cache holds 4x max_position_embeddings positions."""
     import transformers
 
-    first, cls, _ = runs
+    first, cls, _, rows = runs
     assert cls == "ApetQwen3VLForConditionalGeneration"
     cfg = transformers.AutoConfig.from_pretrained(checkpoint)
+    # original positions may exceed the compressed length: the cache is sized as for vLLM's
+    # own pruning (stock, without apet, has 1x: test_no_apet_key_equals_stock)
+    assert rows == 4 * cfg.text_config.max_position_embeddings
     pads = (cfg.image_token_id, cfg.video_token_id)
     for name in PROMPTS:
         ids = first[name][1]
@@ -300,7 +310,7 @@ def test_negative_controls_fail(runs, checkpoint):
 def test_prefix_cache_hit_gives_identical_logprobs(runs, checkpoint):
     import transformers
 
-    first, _, second = runs
+    first, _, second, _ = runs
     cfg = transformers.AutoConfig.from_pretrained(checkpoint)
     pads = (cfg.image_token_id, cfg.video_token_id)
     # some hit covers compressed placeholders (the item's kept tokens are not recomputed)
@@ -353,19 +363,27 @@ def test_chunked_prefill_matches_reference(chunked, reference):
 
 def test_no_apet_key_equals_stock(checkpoint, monkeypatch):
     """Bitwise equal to stock vLLM (plugins off)."""
+    import transformers
     import vllm.plugins
 
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships a function
     with q25._engine(checkpoint) as llm:
         plugin_cls, plugin = q25._model_class(llm), _vllm_generate(llm)
+        plugin_rows = llm.apply_model(_rope_rows)[0]
     vllm.plugins.load_general_plugins()  # this process keeps its plugins; the engine's has none
     monkeypatch.setenv("VLLM_PLUGINS", "none")
     with q25._engine(checkpoint) as llm:
         stock_cls, stock = q25._model_class(llm), _vllm_generate(llm)
+        stock_rows = llm.apply_model(_rope_rows)[0]
     assert (plugin_cls, stock_cls) == (
         "ApetQwen3VLForConditionalGeneration",
         "Qwen3VLForConditionalGeneration",
     )
+    # the cache is enlarged only with apet (stock Qwen3-VL: 1x without vLLM's own pruning)
+    max_pos = transformers.AutoConfig.from_pretrained(
+        checkpoint
+    ).text_config.max_position_embeddings
+    assert plugin_rows == stock_rows == max_pos
     for name in PROMPTS:
         assert plugin[name][1] == stock[name][1], name  # uncompressed prompts
         assert plugin[name][0] == stock[name][0], name  # bitwise: the same code path
