@@ -21,8 +21,8 @@ fail the comparison on every media prompt. vLLM also equals the HF shim
 (``apply_apet(model, vision_keep=KEEP, layer=None)``). Without an ``apet``
 key the plugin's subclass equals stock vLLM bitwise.
 
-Engines: four (ApET with prefix caching, ApET chunked, one without the key, one stock), about
-5 minutes on 2 shared cores.
+Engines: four (ApET with prefix caching, ApET chunked, one without the key, one stock); the
+module took 2.5 to 5 minutes on 2 shared cores.
 """
 
 from __future__ import annotations
