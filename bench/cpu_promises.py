@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -85,6 +86,7 @@ def main() -> None:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(f"torch {torch.__version__}; baseline {args.baseline}; new {reference.__file__}")
     print(f"ms ({args.clock} clock), median (min) of {args.reps} alternating calls")
+    print("load average at start: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     print("| threads | shape | S×N×D keep | op before | op after | fps before | fps after |")
     print("|---|---|---|---|---|---|---|")
     for threads in args.threads:
@@ -107,6 +109,7 @@ def main() -> None:
             )
             cells = " | ".join(f"{t[k][0]:.1f} ({t[k][1]:.1f})" for k in t)
             print(f"| {threads} | {shape.name} | {S}×{N}×{D} k{K} | {cells} |", flush=True)
+    print("load average at end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
 
 
 if __name__ == "__main__":
