@@ -30,11 +30,21 @@ class Qwen25VLShim(Shim):
     # The paper's setting: 30% of each image's tokens, then 33.3% of those before layer 14.
     presets = {"qwen2.5-vl/30%": ApetConfig(0.30, layer=14, layer_keep=1 / 3)}
 
+    def encode(self, encode, pixels: torch.Tensor, thw: torch.Tensor):
+        """Run ``get_image_features`` / ``get_video_features``: the merger output per item
+        ``(t * h/m * w/m, D)``, and the items' planes (one ``(rows of every item, D_p)`` tensor
+        per plane; none here, Qwen3-VL's DeepStack there)."""
+        return encode(pixels, thw).pooler_output, []
+
+    def rope_kwargs(self, kwargs: dict) -> dict:
+        """The grid arguments of ``get_rope_index`` besides the image and video grids."""
+        return {"second_per_grid_ts": kwargs.get("second_per_grid_ts")}
+
     def visual_input(self, model, kwargs) -> VisualInput:
         base = self.base(model)
         cfg = base.config
         merge = cfg.vision_config.spatial_merge_size
-        feats, seqlens, infos, placeholders, start = [], [], [], [], 0
+        feats, planes, seqlens, infos, placeholders, start = [], [], [], [], [], 0
         for kind, pixels, thw, token_id, encode in (
             (
                 "image",
@@ -54,7 +64,8 @@ class Qwen25VLShim(Shim):
             pixels, thw = kwargs.get(pixels), kwargs.get(thw)
             if pixels is None or pixels.numel() == 0:
                 continue
-            embeds = encode(pixels, thw).pooler_output  # per item (t * h/m * w/m, D)
+            embeds, item_planes = self.encode(encode, pixels, thw)
+            planes.append(item_planes)
             for item, (e, (t, h, w)) in enumerate(zip(embeds, thw.tolist(), strict=True)):
                 grid = (h // merge, w // merge)
                 # an image is one unit; a video one unit per temporal slice
@@ -69,7 +80,9 @@ class Qwen25VLShim(Shim):
             layout = torch.arange(start, start + total, device=embeds[0].device)
             placeholders.append(Placeholder(token_id, layout))
             start += total
-        return VisualInput(torch.cat(feats), seqlens, infos, lambda x: x, placeholders)
+        # every plane packed like the features: the image rows, then the video rows
+        planes = [torch.cat(rows) for rows in zip(*planes, strict=True)]
+        return VisualInput(torch.cat(feats), seqlens, infos, lambda x: x, placeholders, planes)
 
     def items(self, model, input_ids, kwargs):
         cfg = self.base(model).config
@@ -100,8 +113,8 @@ class Qwen25VLShim(Shim):
             types,
             image_grid_thw=kwargs.get("image_grid_thw"),
             video_grid_thw=kwargs.get("video_grid_thw"),
-            second_per_grid_ts=kwargs.get("second_per_grid_ts"),
             attention_mask=mask.long(),
+            **self.rope_kwargs(kwargs),
         )
         next_pos = pos.masked_fill(~mask[None], 0).amax(dim=(0, 2)) + 1
         return pos, next_pos

@@ -23,12 +23,8 @@ planes; ``apply_apet`` refuses an earlier one.
 
 from __future__ import annotations
 
-import torch
-
 from ._compat import packed_planes
 from ._config import ApetConfig
-from ._interface import Placeholder, VisualInput
-from ._selection import UnitInfo
 from .qwen2_5_vl import Qwen25VLShim
 
 
@@ -55,66 +51,12 @@ class Qwen3VLShim(Qwen25VLShim):
                 f"({planes - 1})"
             )
 
-    def visual_input(self, model, kwargs) -> VisualInput:
-        base = self.base(model)
-        cfg = base.config
-        merge = cfg.vision_config.spatial_merge_size
-        feats, planes, seqlens, infos, placeholders, start = [], [], [], [], [], 0
-        for kind, pixels, thw, token_id, encode in (
-            (
-                "image",
-                "pixel_values",
-                "image_grid_thw",
-                cfg.image_token_id,
-                base.get_image_features,
-            ),
-            (
-                "video",
-                "pixel_values_videos",
-                "video_grid_thw",
-                cfg.video_token_id,
-                base.get_video_features,
-            ),
-        ):
-            pixels, thw = kwargs.get(pixels), kwargs.get(thw)
-            if pixels is None or pixels.numel() == 0:
-                continue
-            out = encode(pixels, thw, return_dict=True)
-            embeds = out.pooler_output  # per item (t * h/m * w/m, D)
-            planes.append(packed_planes(out.deepstack_features))  # per plane (items' rows, D)
-            for item, (e, (t, h, w)) in enumerate(zip(embeds, thw.tolist(), strict=True)):
-                grid = (h // merge, w // merge)
-                slices = [e] if kind == "image" else list(e.view(t, -1, e.shape[-1]))
-                for index, x in enumerate(slices):
-                    unit = "image" if kind == "image" else "video_frame"
-                    flat = x.shape[0] == grid[0] * grid[1]
-                    infos.append(UnitInfo(unit, item, index, grid if flat else None))
-                    seqlens.append(x.shape[0])
-                    feats.append(x)
-            total = sum(e.shape[0] for e in embeds)
-            layout = torch.arange(start, start + total, device=embeds[0].device)
-            placeholders.append(Placeholder(token_id, layout))
-            start += total
-        # every plane packed like the features: the image rows, then the video rows
-        planes = [torch.cat(rows) for rows in zip(*planes, strict=True)]
-        return VisualInput(torch.cat(feats), seqlens, infos, lambda x: x, placeholders, planes)
+    def encode(self, encode, pixels, thw):
+        out = encode(pixels, thw, return_dict=True)
+        return out.pooler_output, packed_planes(out.deepstack_features)
 
     def plane_kwargs(self, visual, planes):
         return {"visual_pos_masks": visual, "deepstack_visual_embeds": planes}
 
-    def original_positions(self, model, input_ids, mask, kwargs):
-        cfg = model.config
-        types = kwargs.get("mm_token_type_ids")
-        if types is None:  # what the processor would have produced
-            types = (input_ids == cfg.image_token_id).int() + 2 * (
-                input_ids == cfg.video_token_id
-            ).int()
-        pos, _ = model.get_rope_index(
-            input_ids,
-            types,
-            image_grid_thw=kwargs.get("image_grid_thw"),
-            video_grid_thw=kwargs.get("video_grid_thw"),
-            attention_mask=mask.long(),
-        )
-        next_pos = pos.masked_fill(~mask[None], 0).amax(dim=(0, 2)) + 1
-        return pos, next_pos
+    def rope_kwargs(self, kwargs):
+        return {}  # Qwen3-VL's get_rope_index takes no second_per_grid_ts
