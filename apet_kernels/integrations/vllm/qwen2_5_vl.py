@@ -52,6 +52,29 @@ from . import _mrope
 from ._config import stage1_config
 
 
+def enable_stage1(model) -> None:
+    """Set ``model.apet_config`` from its HF config (None: the model stays stock). With ApET on,
+    refuse vLLM's own video pruning (EVS), which would prune the same tokens again, and turn on
+    the runner's pruning plumbing: its ``recompute_mrope_positions`` call is what places the kept
+    tokens. Instance attributes, so that only an ApET model gets that plumbing (Qwen2-VL's class
+    has no EVS and does not declare ``supports_multimodal_pruning``)."""
+    model.apet_config = stage1_config(model.config)
+    if model.apet_config is None:
+        return
+    # Qwen2.5-VL and Qwen3-VL keep the rate on the model (Qwen3-VL's may come from its VidCom2
+    # spec); Qwen2-VL only has the config's
+    rate = getattr(model, "video_pruning_rate", None) or getattr(
+        model.multimodal_config, "video_pruning_rate", None
+    )
+    if rate:
+        raise ValueError(
+            f"video_pruning_rate={rate} (vLLM's own video pruning) cannot be combined with "
+            "hf_overrides['apet']: both prune the visual tokens; use one"
+        )
+    model.supports_multimodal_pruning = True
+    model.is_multimodal_pruning_enabled = True
+
+
 def unit_budget(cfg: ApetConfig, grid_thw: Sequence[int], merge: int) -> tuple[int, int, int, int]:
     """``(t, h, w, keep)`` of an item: its LLM grid (patch grid ``grid_thw`` after the
     ``merge x merge`` merger) and the tokens kept from each of its ``t`` units of ``h * w``."""
@@ -107,16 +130,7 @@ class ApetQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.apet_config = stage1_config(self.config)
-        if self.apet_config is None:
-            return
-        if self.video_pruning_rate:
-            raise ValueError(
-                f"video_pruning_rate={self.video_pruning_rate} (vLLM's EVS) cannot be combined "
-                "with hf_overrides['apet']: both prune the visual tokens; use one"
-            )
-        # the runner's pruning plumbing (recompute_mrope_positions) is what places kept tokens
-        self.is_multimodal_pruning_enabled = True
+        enable_stage1(self)
 
     # ---------------------------------------------------------------- encoder + compression
 

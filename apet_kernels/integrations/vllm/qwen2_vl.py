@@ -34,14 +34,13 @@ from vllm.model_executor.models.qwen2_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ._config import stage1_config
 from .qwen2_5_vl import (
     ApetQwen2_5_VLForConditionalGeneration as _Qwen25,
 )
 from .qwen2_5_vl import (
     ApetQwen2_5_VLMultiModalProcessor as _Qwen25Processor,
 )
-from .qwen2_5_vl import embed_and_compress
+from .qwen2_5_vl import embed_and_compress, enable_stage1
 
 
 class ApetQwen2VLMultiModalProcessor(Qwen2VLMultiModalProcessor):
@@ -68,18 +67,7 @@ class ApetQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.apet_config = stage1_config(self.config)
-        if self.apet_config is None:
-            return
-        rate = getattr(self.multimodal_config, "video_pruning_rate", None)
-        if rate:
-            raise ValueError(
-                f"video_pruning_rate={rate} cannot be combined with hf_overrides['apet']: both "
-                "prune the visual tokens (and stock Qwen2-VL has no EVS); use apet alone"
-            )
-        # instance attributes, so that only an ApET model gets the runner's pruning plumbing
-        self.supports_multimodal_pruning = True
-        self.is_multimodal_pruning_enabled = True
+        enable_stage1(self)
 
     def embed_multimodal(self, **kwargs: object):
         """Per item ``(t * keep, hidden + CHANNELS)``: kept tokens and their position offsets."""

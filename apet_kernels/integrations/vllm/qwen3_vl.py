@@ -63,7 +63,7 @@ from .qwen2_5_vl import (
 from .qwen2_5_vl import (
     ApetQwen2_5_VLMultiModalProcessor as _Qwen25Processor,
 )
-from .qwen2_5_vl import embed_and_compress, unit_budget
+from .qwen2_5_vl import embed_and_compress, enable_stage1, unit_budget
 
 
 class ApetQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
@@ -138,16 +138,7 @@ class ApetQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
         on = stage1_config(vllm_config.model_config.hf_config) is not None
         with _rope_cache_as_pruned(on):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.apet_config = stage1_config(self.config)
-        if self.apet_config is None:
-            return
-        if self.video_pruning_rate:
-            raise ValueError(
-                f"video_pruning_rate={self.video_pruning_rate} (vLLM's EVS / VidCom2) cannot be "
-                "combined with hf_overrides['apet']: both prune the visual tokens; use one"
-            )
-        # the runner's pruning plumbing (recompute_mrope_positions) is what places kept tokens
-        self.is_multimodal_pruning_enabled = True
+        enable_stage1(self)
 
     # ---------------------------------------------------------------- encoder + compression
 

@@ -156,3 +156,38 @@ def test_real_factory_module_is_wrappable():
 
     params = list(inspect.signature(default.maybe_create_mm_pruner).parameters)
     assert params == ["model_config", "model", "rope_state", "encoder_cache"]
+
+
+def _qwen_stub(apet, model_rate=None, config_rate=None):
+    config = types.SimpleNamespace(model_type="qwen2_5_vl")
+    if apet is not None:
+        config.apet = apet
+    model = types.SimpleNamespace(
+        config=config, multimodal_config=types.SimpleNamespace(video_pruning_rate=config_rate)
+    )
+    if model_rate is not None:
+        model.video_pruning_rate = model_rate
+    return model
+
+
+def test_enable_stage1_sets_the_flags_only_with_apet():
+    pytest.importorskip("vllm")
+    from apet_kernels.integrations.vllm.qwen2_5_vl import enable_stage1
+
+    stock = _qwen_stub(None, model_rate=0.5)  # no apet: vLLM's own pruning is left alone
+    enable_stage1(stock)
+    assert stock.apet_config is None and not hasattr(stock, "is_multimodal_pruning_enabled")
+    on = _qwen_stub({"vision_keep": 0.3}, model_rate=0.0)
+    enable_stage1(on)
+    assert on.apet_config.vision_keep == 0.3
+    assert on.is_multimodal_pruning_enabled and on.supports_multimodal_pruning
+
+
+@pytest.mark.parametrize(("model_rate", "config_rate"), [(0.5, None), (None, 0.25)])
+def test_enable_stage1_refuses_vllm_video_pruning(model_rate, config_rate):
+    pytest.importorskip("vllm")
+    from apet_kernels.integrations.vllm.qwen2_5_vl import enable_stage1
+
+    model = _qwen_stub({"vision_keep": 0.3}, model_rate, config_rate)
+    with pytest.raises(ValueError, match=r"video_pruning_rate=0\.(5|25).*hf_overrides\['apet'\]"):
+        enable_stage1(model)
