@@ -32,7 +32,8 @@ MODELS = list(BUILDERS)
 GEN = suite.GEN
 #: the model family whose code path ``reference.py`` takes for each model: Qwen2-VL's units
 #: (merger output per image / temporal slice) and get_rope_index call are Qwen2.5-VL's
-REFERENCE_FAMILY = {"qwen2_vl": "qwen2_5_vl"}
+#: (Qwen3-VL-MoE's differ from Qwen3-VL's only in the decoder's MLPs)
+REFERENCE_FAMILY = {"qwen2_vl": "qwen2_5_vl", "qwen3_vl_moe": "qwen3_vl"}
 _CACHE: dict = {}
 ORIGINAL = {"positions": "original"}  # the Qwen shims' default position mode, stage 2 off
 
@@ -133,6 +134,7 @@ def stage1(name, model, inputs, vision_keep) -> reference.Stage1:
         ("qwen2_vl", "qwen2-vl/30%", 14),
         ("llava_onevision", "llava-onevision/30%", 14),
         ("qwen3_vl", "qwen3-vl/30%", 18),
+        ("qwen3_vl_moe", "qwen3-vl-moe/30%", 24),
     ],
 )
 def test_registered_with_a_ratio_preset(name, preset, layer):
@@ -390,25 +392,26 @@ def test_qwen3_decode_steps_get_no_planes(patched):
     assert all(p is None for _, p in seen[1:])
 
 
+@pytest.mark.parametrize("name", ["qwen3_vl", "qwen3_vl_moe"])
 @pytest.mark.parametrize("layer", [1, None])
-def test_qwen3_stage2_refused_at_or_before_the_last_deepstack_layer(layer, patched):
+def test_qwen3_stage2_refused_at_or_before_the_last_deepstack_layer(layer, name, patched):
     """Stage 2 at layer 1 would shorten the sequence before plane 1 is added after layer 1: it is
     refused, naming ``layer`` and the DeepStack layers; layer 2 is accepted (the budget the other
     tests use); without stage 2 (layer None) keep-all equals the unpatched model (logits and
     generate), so the call context leaves the decoder when no layer hook takes it out."""
-    model, make = built("qwen3_vl")
+    model, make = built(name)
     if layer is not None:
         with pytest.raises(ValueError, match=r"layer must be >= 2 .* got 1.*DeepStack layer \(1\)"):
             apply_apet(model, vision_keep=0.5, layer=layer, layer_keep=0.5)
         assert "forward" not in model.__dict__  # nothing was patched
         return
-    single, batch = make(PROMPTS["qwen3_vl"][1:]), make(PROMPTS["qwen3_vl"], pad="left")
+    single, batch = make(PROMPTS[name][1:]), make(PROMPTS[name], pad="left")
     ref, ref_gen = suite.logits(model, single), model.generate(**batch, **GEN)
     patched(model, vision_keep=1.0, layer=None)
     torch.testing.assert_close(suite.logits(model, single), ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(model.generate(**batch, **GEN), ref_gen)
     patched(model, vision_keep=0.5, layer=None)
-    s1 = stage1("qwen3_vl", model, single, 0.5)
+    s1 = stage1(name, model, single, 0.5)
     torch.testing.assert_close(
         suite.logits(model, single)[0],
         reference.logits(model, s1, ORIGINAL)[0],

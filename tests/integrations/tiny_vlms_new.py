@@ -129,11 +129,14 @@ def build_llava_onevision(attn: str = "sdpa"):
     return model, make_inputs
 
 
-def build_qwen3_vl(attn: str = "sdpa"):
+def build_qwen3_vl(attn: str = "sdpa", moe: bool = False):
     """Qwen3-VL shape: 4 px patches, 2x2 merge, a learned 4x4 position grid; vision blocks 0 and
     1 feed two DeepStack planes (added after decoder layers 0 and 1). An image is a 6x8 patch grid
     = 3x4 tokens; a video 2 temporal slices of 4x4 patches = 2 x 2x2 tokens, laid out as the
-    processor does: per slice, timestamp text, vision_start, its tokens, vision_end."""
+    processor does: per slice, timestamp text, vision_start, its tokens, vision_end.
+
+    ``moe``: Qwen3-VL-MoE (``qwen3_vl_moe``, e.g. Qwen3-VL-30B-A3B): the same vision tower and
+    DeepStack path, a decoder whose MLPs are 4 experts (2 per token)."""
     vision = dict(
         depth=3,
         hidden_size=32,
@@ -156,7 +159,12 @@ def build_qwen3_vl(attn: str = "sdpa"):
             "mrope_interleaved": True,
         },
     )
-    cfg = transformers.Qwen3VLConfig(
+    config_cls, model_cls = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
+    if moe:
+        config_cls = transformers.Qwen3VLMoeConfig
+        model_cls = transformers.Qwen3VLMoeForConditionalGeneration
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+    cfg = config_cls(
         vision_config=vision,
         text_config=text,
         image_token_id=IMAGE_ID,
@@ -164,7 +172,7 @@ def build_qwen3_vl(attn: str = "sdpa"):
         vision_start_token_id=252,
         vision_end_token_id=253,
     )
-    model = _finish(transformers.Qwen3VLForConditionalGeneration, cfg, attn)
+    model = _finish(model_cls, cfg, attn)
     patch_dim = 3 * 2 * 4 * 4
 
     def make_inputs(prompts, pad="left"):
@@ -208,6 +216,7 @@ BUILDERS = {
     "qwen2_vl": build_qwen2_vl,
     "llava_onevision": build_llava_onevision,
     "qwen3_vl": build_qwen3_vl,
+    "qwen3_vl_moe": lambda attn="sdpa": build_qwen3_vl(attn, moe=True),
 }
 #: as in ``tiny_vlms``: two prompts (the second with more items) and a budget that compresses.
 PROMPTS = {
@@ -219,9 +228,11 @@ PROMPTS = {
     # two videos around an image: the DeepStack planes' sequence order interleaves kinds
     "qwen3_vl": [[3, "image", 4], [2, "video", 3, ("image", 2), 2, ("video", 5), 1]],
 }
+PROMPTS["qwen3_vl_moe"] = PROMPTS["qwen3_vl"]
 BUDGETS = {
     "qwen2_vl": dict(vision_keep=0.5, layer=2, layer_keep=0.5),
     "llava_onevision": dict(vision_keep=0.5, layer=2, layer_keep=0.5),
     # layer 2: the first stage-2 layer after the tiny model's two DeepStack layers (0, 1)
     "qwen3_vl": dict(vision_keep=0.5, layer=2, layer_keep=0.5),
 }
+BUDGETS["qwen3_vl_moe"] = BUDGETS["qwen3_vl"]

@@ -1,5 +1,5 @@
 """ApET for Hugging Face VLMs: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Video-LLaVA, Qwen2-VL,
-Qwen2.5-VL and Qwen3-VL.
+Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE.
 
 ``apply_apet(model)`` patches a model instance (or class) in place so that its forward and
 ``generate`` compress visual tokens in two stages (arXiv 2602.19870):

@@ -22,7 +22,7 @@ from .llava_next import LlavaNextShim
 from .llava_onevision import LlavaOnevisionShim
 from .qwen2_5_vl import Qwen25VLShim
 from .qwen2_vl import Qwen2VLShim
-from .qwen3_vl import Qwen3VLShim
+from .qwen3_vl import Qwen3VLMoeShim, Qwen3VLShim
 from .video_llava import VideoLlavaShim
 
 #: transformers versions the shims are tested against: CI runs the suite on the lowest (5.17)
@@ -41,6 +41,7 @@ for _shim in (
     Qwen2VLShim(),
     LlavaOnevisionShim(),
     Qwen3VLShim(),
+    Qwen3VLMoeShim(),
 ):
     for _type in _shim.model_types:
         _SHIMS[_type] = _shim

@@ -60,3 +60,15 @@ class Qwen3VLShim(Qwen25VLShim):
 
     def rope_kwargs(self, kwargs):
         return {}  # Qwen3-VL's get_rope_index takes no second_per_grid_ts
+
+
+class Qwen3VLMoeShim(Qwen3VLShim):
+    """Qwen3-VL-MoE (``qwen3_vl_moe``, e.g. Qwen3-VL-30B-A3B): Qwen3-VL's vision tower, DeepStack
+    planes, positions and forward arguments; only the decoder's MLPs are experts, which the
+    shim never touches."""
+
+    model_types = ("qwen3_vl_moe",)
+    default_preset = "qwen3-vl-moe/30%"
+    # Ours, not the paper's: Qwen3-VL's ratios, stage 2 before layer 24 (the middle of the
+    # 30B-A3B decoder's 48 layers; well after the DeepStack layers 0-2).
+    presets = {"qwen3-vl-moe/30%": ApetConfig(0.30, layer=24, layer_keep=1 / 3)}
