@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ._validation import SUPPORTED_DTYPES
-from .ops.reference import accumulation_dtype
+from .ops.reference import accumulation_dtype, slot_sums
 
 
 def _check(x: object, kept: object, assign: object) -> None:
@@ -75,18 +75,13 @@ def apply_selection(x: torch.Tensor, kept: torch.Tensor, assign: torch.Tensor) -
         flat_assign = torch.where(assign >= 0, assign + offsets * K, assign).reshape(-1)
         out = apply_selection(x.reshape(S * N, D), flat_kept, flat_assign)
         return out.view(S, K, D)
-    T, D = x.shape
+    T = x.shape[0]
     K = kept.shape[0]
     v = x.detach().to(accumulation_dtype(x.dtype))
     kept_rows = v[kept]
     # Unmerged tokens (assign -1) go to a spare row K, dropped afterwards.
     target = torch.where(assign >= 0, assign, torch.full_like(assign, K))
-    sums = v.new_zeros(K + 1, D)
-    if v.device.type == "cpu":
-        # expanded index: ATen's order-fixed scatter_add path (as the torch backend's merge)
-        sums.scatter_add_(0, target[:, None].expand(T, D), v)
-    else:
-        sums.index_put_((target,), v, accumulate=True)
+    sums = slot_sums(v, target, K + 1)  # the torch backend's merge sums, in the same order
     counts = v.new_zeros(K + 1).index_put_((target,), v.new_ones(T), accumulate=True)
     sums, counts = sums[:K], counts[:K, None]
     out = torch.where(counts == 1, kept_rows, sums / counts.clamp_min(1.0))

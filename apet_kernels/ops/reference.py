@@ -339,6 +339,20 @@ def select(
     return kept, keep_mask
 
 
+def slot_sums(rows: torch.Tensor, target: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """``(num_slots, D)`` sums of ``rows (T, D)`` by ``target (T,)`` int64 in [0, num_slots),
+    each slot's rows added in token order whatever the thread count (SPEC.md's determinism)."""
+    sums = rows.new_zeros(num_slots, rows.shape[1])
+    if rows.device.type == "cpu":
+        # The expanded index takes ATen's scatter_add expanded-index CPU path (sort by row, then
+        # each row summed in source order; torch 2.13); the generic path loops dim 0 serially
+        # per column. Both are order-fixed, unlike index_put_'s atomic adds from 2 threads on.
+        # index_add_(0, target, rows) is no alternative: on CPU it calls this same scatter_add_
+        # with an expanded index (index_add_cpu_out), and timed the same at 1 and 2 threads.
+        return sums.scatter_add_(0, target[:, None].expand_as(rows), rows)
+    return sums.index_put_((target,), rows, accumulate=True)  # sort-based on CUDA
+
+
 def merge(
     v: torch.Tensor,
     valid: torch.Tensor,
@@ -395,17 +409,7 @@ def merge(
     if S > 1:
         target = target + rows_per * torch.arange(S, device=v.device)[:, None]
     flat = target.reshape(-1)
-    rows = v.reshape(S * N, D)
-    sums = v.new_zeros(S * rows_per, D)
-    if v.device.type == "cpu":
-        # The expanded index takes ATen's scatter_add expanded-index CPU path (sort by row, then
-        # each row summed in source order; torch 2.13); the generic path loops dim 0 serially
-        # per column. Both are order-fixed, unlike index_put_'s atomic adds from 2 threads on.
-        # index_add_(0, flat, rows) is no alternative: on CPU it calls this same scatter_add_
-        # with an expanded index (index_add_cpu_out), and timed the same at 1 and 2 threads.
-        sums.scatter_add_(0, flat[:, None].expand(S * N, D), rows)
-    else:
-        sums.index_put_((flat,), rows, accumulate=True)
+    sums = slot_sums(v.reshape(S * N, D), flat, S * rows_per)
     if dense and v.device.type == "cpu":
         # Counts are small integers (exact). A slot with count 1 holds only its kept row, which
         # the sum started from +0.0 turned -0.0 into +0.0 in: copy those rows back from w (the
